@@ -1,0 +1,3 @@
+from dqr_xnat.cli.main import main
+
+raise SystemExit(main())

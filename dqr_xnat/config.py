@@ -1,0 +1,455 @@
+"""The YAML configuration: one file, one schema, validated in full before anything starts.
+
+Every problem is reported with its YAML path (``projects.ABC.pacs[0]: unknown PACS 'pacs2'``), all
+in one pass. Secrets never live in the YAML: ``password_env`` names an environment variable and
+``password_file`` a file; :meth:`XnatConfig.password` reads them when needed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+
+from dqr_xnat.errors import ConfigError
+from dqr_xnat.model import RetrieveMethod, SeriesFilter
+
+CONFIG_ENV = "DQR_XNAT_CONFIG"
+AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII, no backslash
+PROJECT_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+MATCH_POLICIES = ("ambiguous", "suffix")
+
+
+@dataclass(frozen=True)
+class XnatConfig:
+    url: str
+    user: str = ""
+    password_env: str | None = None
+    password_file: str | None = None
+    verify_tls: bool = True
+    ca_bundle: str | None = None
+    timeout: float = 300.0
+
+    def password(self) -> str:
+        """Read the secret now (env var or file), so rotations apply without a restart."""
+        if self.password_env:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise ConfigError(
+                    [f"xnat.password_env: environment variable {self.password_env} is not set"]
+                )
+            return value
+        if self.password_file:
+            try:
+                return Path(self.password_file).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(
+                    [f"xnat.password_file: cannot read {self.password_file}: {exc.strerror}"]
+                ) from None
+        return ""
+
+
+@dataclass(frozen=True)
+class ReceiverConfig:
+    ae_title: str = "DQRXNAT"
+    host: str = "0.0.0.0"
+    port: int = 11113
+    max_instance_mb: int = 2048  # larger instances are refused (hostile or broken PACS)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    acse: float = 30.0
+    dimse: float = 120.0
+    network: float = 120.0
+    connect: float = 10.0
+
+
+@dataclass(frozen=True)
+class AvailabilityWindow:
+    """A weekly window in which a PACS may be used (DQR's schedule)."""
+
+    days: tuple[str, ...]  # subset of WEEKDAYS
+    start: str  # "HH:MM"
+    end: str  # "HH:MM"; end <= start means the window runs past midnight
+    concurrency: int = 1
+    utilisation: int = 100  # percent; at X% wait (100/X - 1) x last request duration
+
+
+@dataclass(frozen=True)
+class PacsConfig:
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    calling_ae_title: str
+    retrieve: RetrieveMethod = RetrieveMethod.C_MOVE
+    max_associations: int = 2
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    retries: int = 3
+    retry_backoff: float = 5.0
+    availability: tuple[AvailabilityWindow, ...] = ()  # empty = always available
+
+
+@dataclass(frozen=True)
+class ProjectConfig:
+    name: str
+    pacs: tuple[str, ...]  # allowed; the first is the default
+    series: SeriesFilter = field(default_factory=SeriesFilter)
+    multiple_matches: str = "ambiguous"  # or "suffix" (_1, _2 in study date order)
+    report_patient_identity: bool = False
+    max_rows: int = 5000
+    max_studies: int = 10000
+
+    @property
+    def default_pacs(self) -> str:
+        return self.pacs[0]
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    inbox_resource: str = "DQR"
+    report_resource: str = "DQR_REPORTS"
+    poll_interval: float = 60.0
+    discover_projects: bool = False  # serve every project that has the inbox resource
+    serve_unlisted_projects: bool = False  # with discovery: unlisted projects get project_defaults
+    max_csv_mb: float = 10.0
+    workers: int = 2  # relabel/upload worker processes
+    metrics_port: int | None = None
+    audit_log: str | None = None  # default: <state_dir>/audit.jsonl
+
+
+@dataclass(frozen=True)
+class Config:
+    xnat: XnatConfig
+    receiver: ReceiverConfig
+    pacs: Mapping[str, PacsConfig]
+    projects: Mapping[str, ProjectConfig]
+    state_dir: Path
+    service: ServiceConfig = field(default_factory=ServiceConfig)
+    project_defaults: ProjectConfig | None = None
+    source: str = "configuration"
+
+    def project(self, name: str) -> ProjectConfig | None:
+        """The settings for ``name``, falling back to site defaults only if the admin allows it."""
+        if name in self.projects:
+            return self.projects[name]
+        if self.service.serve_unlisted_projects and self.project_defaults is not None:
+            return ProjectConfig(**{**self.project_defaults.__dict__, "name": name})
+        return None
+
+
+# ------------------------------------------------------------------------------------------
+# Loading
+
+
+class _Reader:
+    """Walks the YAML tree, collecting every problem with its path instead of stopping."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def problem(self, path: str, message: str) -> None:
+        self.problems.append(f"{path}: {message}")
+
+    def mapping(self, value: Any, path: str, allowed: set[str]) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.problem(path, f"must be a mapping, not {type(value).__name__}")
+            return {}
+        for key in value:
+            if str(key) not in allowed:
+                hint = _closest(str(key), allowed)
+                self.problem(
+                    f"{path}.{key}" if path else str(key),
+                    "unknown key" + (f"; did you mean '{hint}'?" if hint else ""),
+                )
+        return {str(k): v for k, v in value.items()}
+
+    def get(
+        self,
+        data: Mapping[str, Any],
+        key: str,
+        path: str,
+        kind: type | tuple[type, ...],
+        default: Any = None,
+        *,
+        required: bool = False,
+        check: Callable[[Any], str | None] | None = None,
+    ) -> Any:
+        full = f"{path}.{key}" if path else key
+        if key not in data or data[key] is None:
+            if required:
+                self.problem(full, "is required")
+            return default
+        value = data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if bool not in kinds and isinstance(value, bool) or not isinstance(value, kinds):
+            names = " or ".join(k.__name__ for k in kinds)
+            self.problem(full, f"must be {names}, not {value!r}")
+            return default
+        if check is not None:
+            message = check(value)
+            if message:
+                self.problem(full, message)
+                return default
+        return value
+
+
+def _closest(word: str, options: set[str]) -> str | None:
+    import difflib
+
+    found = difflib.get_close_matches(word, sorted(options), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def _port(value: int) -> str | None:
+    return None if 1 <= value <= 65535 else "must be a TCP port between 1 and 65535"
+
+
+def _ae_title(value: str) -> str | None:
+    if not AE_TITLE_RE.match(value) or not value.strip():
+        return "must be 1-16 printable ASCII characters without backslash"
+    return None
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _hhmm(value: str) -> str | None:
+    m = re.fullmatch(r"(\d{2}):(\d{2})", value)
+    if not m or int(m.group(1)) > 24 or int(m.group(2)) > 59:
+        return "must be a time HH:MM"
+    return None
+
+
+def _string_list(reader: _Reader, value: Any, path: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        reader.problem(path, "must be a list of strings")
+        return ()
+    return tuple(value)
+
+
+def _read_xnat(r: _Reader, raw: Any) -> XnatConfig:
+    d = r.mapping(raw, "xnat", {"url", "user", "password_env", "password_file", "verify_tls", "ca_bundle", "timeout"})
+    url = r.get(d, "url", "xnat", str, "", required=True)
+    if url and not re.match(r"^https?://", url):
+        r.problem("xnat.url", f"must start with http:// or https://, not {url!r}")
+    if "password" in d:
+        r.problems.pop()  # replace the generic 'unknown key' with a clearer message
+        r.problem("xnat.password", "secrets are not read from the YAML; use password_env or password_file")
+    env = r.get(d, "password_env", "xnat", str)
+    pfile = r.get(d, "password_file", "xnat", str)
+    if env and pfile:
+        r.problem("xnat", "give password_env or password_file, not both")
+    return XnatConfig(
+        url=url.rstrip("/") if url else "",
+        user=r.get(d, "user", "xnat", str, ""),
+        password_env=env,
+        password_file=pfile,
+        verify_tls=r.get(d, "verify_tls", "xnat", bool, True),
+        ca_bundle=r.get(d, "ca_bundle", "xnat", str),
+        timeout=r.get(d, "timeout", "xnat", float, 300.0, check=_positive),
+    )
+
+
+def _read_receiver(r: _Reader, raw: Any) -> ReceiverConfig:
+    d = r.mapping(raw, "receiver", {"ae_title", "host", "port", "max_instance_mb"})
+    return ReceiverConfig(
+        ae_title=r.get(d, "ae_title", "receiver", str, "DQRXNAT", check=_ae_title),
+        host=r.get(d, "host", "receiver", str, "0.0.0.0"),
+        port=r.get(d, "port", "receiver", int, 11113, check=_port),
+        max_instance_mb=r.get(d, "max_instance_mb", "receiver", int, 2048, check=_positive),
+    )
+
+
+def _read_window(r: _Reader, raw: Any, path: str) -> AvailabilityWindow | None:
+    d = r.mapping(raw, path, {"days", "from", "to", "concurrency", "utilisation"})
+    days = tuple(day.lower()[:3] for day in _string_list(r, d.get("days", list(WEEKDAYS)), f"{path}.days"))
+    for day in days:
+        if day not in WEEKDAYS:
+            r.problem(f"{path}.days", f"unknown weekday {day!r}; use {', '.join(WEEKDAYS)}")
+    start = r.get(d, "from", path, str, "00:00", check=_hhmm)
+    end = r.get(d, "to", path, str, "24:00", check=_hhmm)
+    return AvailabilityWindow(
+        days=days,
+        start=start,
+        end=end,
+        concurrency=r.get(d, "concurrency", path, int, 1, check=_positive),
+        utilisation=r.get(
+            d, "utilisation", path, int, 100,
+            check=lambda v: None if 1 <= v <= 100 else "must be a percentage from 1 to 100",
+        ),
+    )
+
+
+def _read_pacs(r: _Reader, name: str, raw: Any, receiver: ReceiverConfig) -> PacsConfig:
+    path = f"pacs.{name}"
+    d = r.mapping(raw, path, {
+        "ae_title", "host", "port", "calling_ae_title", "retrieve", "max_associations",
+        "timeouts", "retries", "retry_backoff", "availability",
+    })
+    method = r.get(d, "retrieve", path, str, "c-move",
+                   check=lambda v: None if v in ("c-move", "c-get") else "must be 'c-move' or 'c-get'")
+    t = r.mapping(d.get("timeouts"), f"{path}.timeouts", {"acse", "dimse", "network", "connect"})
+    tp = f"{path}.timeouts"
+    timeouts = Timeouts(
+        acse=r.get(t, "acse", tp, float, 30.0, check=_positive),
+        dimse=r.get(t, "dimse", tp, float, 120.0, check=_positive),
+        network=r.get(t, "network", tp, float, 120.0, check=_positive),
+        connect=r.get(t, "connect", tp, float, 10.0, check=_positive),
+    )
+    windows_raw = d.get("availability") or []
+    windows: list[AvailabilityWindow] = []
+    if not isinstance(windows_raw, list):
+        r.problem(f"{path}.availability", "must be a list of windows")
+    else:
+        for i, w in enumerate(windows_raw):
+            window = _read_window(r, w, f"{path}.availability[{i}]")
+            if window:
+                windows.append(window)
+    return PacsConfig(
+        name=name,
+        ae_title=r.get(d, "ae_title", path, str, "", required=True, check=_ae_title),
+        host=r.get(d, "host", path, str, "", required=True),
+        port=r.get(d, "port", path, int, 104, required=True, check=_port),
+        calling_ae_title=r.get(d, "calling_ae_title", path, str, receiver.ae_title, check=_ae_title),
+        retrieve=RetrieveMethod(method or "c-move"),
+        max_associations=r.get(d, "max_associations", path, int, 2, check=_positive),
+        timeouts=timeouts,
+        retries=r.get(d, "retries", path, int, 3, check=lambda v: None if v >= 0 else "must be >= 0"),
+        retry_backoff=r.get(d, "retry_backoff", path, float, 5.0,
+                            check=lambda v: None if v >= 0 else "must be >= 0"),
+        availability=tuple(windows),
+    )
+
+
+PROJECT_KEYS = {"pacs", "series", "multiple_matches", "report_patient_identity", "max_rows", "max_studies"}
+
+
+def _read_project(r: _Reader, name: str, raw: Any, pacs: Mapping[str, Any], path: str) -> ProjectConfig:
+    d = r.mapping(raw, path, PROJECT_KEYS)
+    allowed = _string_list(r, d.get("pacs"), f"{path}.pacs")
+    if not allowed:
+        r.problem(f"{path}.pacs", "must list at least one PACS (the first is the project's default)")
+    for i, p in enumerate(allowed):
+        if p not in pacs:
+            hint = _closest(p, set(pacs))
+            r.problem(f"{path}.pacs[{i}]", f"unknown PACS '{p}'" + (f"; did you mean '{hint}'?" if hint else ""))
+    s = r.mapping(d.get("series"), f"{path}.series", {"include", "exclude", "modality_include", "modality_exclude"})
+    sp = f"{path}.series"
+    series = SeriesFilter(
+        include=_string_list(r, s.get("include"), f"{sp}.include"),
+        exclude=_string_list(r, s.get("exclude"), f"{sp}.exclude"),
+        modality_include=_string_list(r, s.get("modality_include"), f"{sp}.modality_include"),
+        modality_exclude=_string_list(r, s.get("modality_exclude"), f"{sp}.modality_exclude"),
+    )
+    return ProjectConfig(
+        name=name,
+        pacs=allowed,
+        series=series,
+        multiple_matches=r.get(
+            d, "multiple_matches", path, str, "ambiguous",
+            check=lambda v: None if v in MATCH_POLICIES else f"must be one of {', '.join(MATCH_POLICIES)}",
+        ),
+        report_patient_identity=r.get(d, "report_patient_identity", path, bool, False),
+        max_rows=r.get(d, "max_rows", path, int, 5000, check=_positive),
+        max_studies=r.get(d, "max_studies", path, int, 10000, check=_positive),
+    )
+
+
+def _read_service(r: _Reader, raw: Any) -> ServiceConfig:
+    d = r.mapping(raw, "service", set(ServiceConfig.__dataclass_fields__))
+    label = lambda v: None if PROJECT_RE.match(v) else "must be a resource label of [A-Za-z0-9_-]"  # noqa: E731
+    metrics = r.get(d, "metrics_port", "service", int, None, check=_port)
+    return ServiceConfig(
+        inbox_resource=r.get(d, "inbox_resource", "service", str, "DQR", check=label),
+        report_resource=r.get(d, "report_resource", "service", str, "DQR_REPORTS", check=label),
+        poll_interval=r.get(d, "poll_interval", "service", float, 60.0, check=_positive),
+        discover_projects=r.get(d, "discover_projects", "service", bool, False),
+        serve_unlisted_projects=r.get(d, "serve_unlisted_projects", "service", bool, False),
+        max_csv_mb=r.get(d, "max_csv_mb", "service", float, 10.0, check=_positive),
+        workers=r.get(d, "workers", "service", int, 2, check=_positive),
+        metrics_port=metrics,
+        audit_log=r.get(d, "audit_log", "service", str),
+    )
+
+
+TOP_KEYS = {"xnat", "receiver", "pacs", "projects", "state_dir", "service", "project_defaults"}
+
+
+def parse_config(data: Any, source: str = "configuration") -> Config:
+    """Validate a parsed YAML document; raise ConfigError listing every problem."""
+    r = _Reader()
+    top = r.mapping(data, "", TOP_KEYS)
+    if not isinstance(data, dict):
+        raise ConfigError(r.problems or ["the file is empty"], source)
+    xnat = _read_xnat(r, top.get("xnat"))
+    if "xnat" not in top:
+        r.problem("xnat", "is required")
+    receiver = _read_receiver(r, top.get("receiver"))
+    pacs_raw = r.mapping(top.get("pacs"), "pacs", set(map(str, (top.get("pacs") or {}))))
+    if not pacs_raw:
+        r.problem("pacs", "must define at least one PACS")
+    pacs = {name: _read_pacs(r, name, raw, receiver) for name, raw in pacs_raw.items()}
+    for name, p in pacs.items():
+        if p.calling_ae_title != receiver.ae_title and p.retrieve is RetrieveMethod.C_MOVE:
+            pass  # allowed: the PACS knows our receiver under receiver.ae_title (C-MOVE destination)
+    projects_raw = r.mapping(top.get("projects"), "projects", set(map(str, (top.get("projects") or {}))))
+    projects = {}
+    for name, raw in projects_raw.items():
+        if not PROJECT_RE.match(name):
+            r.problem(f"projects.{name}", "is not a valid XNAT project ID ([A-Za-z0-9_-])")
+        projects[name] = _read_project(r, name, raw, pacs, f"projects.{name}")
+    defaults = None
+    if top.get("project_defaults") is not None:
+        defaults = _read_project(r, "*", top["project_defaults"], pacs, "project_defaults")
+    service = _read_service(r, top.get("service"))
+    if service.serve_unlisted_projects and defaults is None:
+        r.problem("service.serve_unlisted_projects", "needs a project_defaults section")
+    if service.inbox_resource == service.report_resource:
+        r.problem("service.report_resource", "must differ from service.inbox_resource")
+    state_dir = r.get(top, "state_dir", "", str, "", required=True)
+    if r.problems:
+        raise ConfigError(r.problems, source)
+    return Config(
+        xnat=xnat,
+        receiver=receiver,
+        pacs=pacs,
+        projects=projects,
+        state_dir=Path(state_dir).expanduser(),
+        service=service,
+        project_defaults=defaults,
+        source=source,
+    )
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load and validate the configuration from ``path`` or ``$DQR_XNAT_CONFIG``."""
+    chosen = path or os.environ.get(CONFIG_ENV)
+    if not chosen:
+        raise ConfigError([f"no configuration file: pass --config FILE or set {CONFIG_ENV}"])
+    try:
+        text = Path(chosen).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot read {chosen}: {exc.strerror}"], str(chosen)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError([f"{where}not valid YAML: {getattr(exc, 'problem', exc)}"], str(chosen)) from None
+    return parse_config(data, str(chosen))
