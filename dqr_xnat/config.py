@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -23,6 +23,12 @@ AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII, no
 PROJECT_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 MATCH_POLICIES = ("ambiguous", "suffix")
+#: PACS names are folder names in the inbox (inbox.py), so they must be folder-safe and must not
+#: collide with the folders that already mean something there.
+PACS_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+RESERVED_FOLDERS = ("preview", "reimport")
+#: Keys that would put a secret into the YAML; refused with a message saying what to use instead.
+SECRET_KEYS = ("password", "token", "secret")
 
 
 @dataclass(frozen=True)
@@ -39,18 +45,23 @@ class XnatConfig:
         """Read the secret now (env var or file), so rotations apply without a restart."""
         if self.password_env:
             value = os.environ.get(self.password_env)
-            if value is None:
+            if not value:
+                state = "is not set" if value is None else "is empty"
                 raise ConfigError(
-                    [f"xnat.password_env: environment variable {self.password_env} is not set"]
+                    [f"xnat.password_env: environment variable {self.password_env} {state}"]
                 )
             return value
         if self.password_file:
             try:
-                return Path(self.password_file).read_text(encoding="utf-8").strip()
-            except OSError as exc:
+                value = Path(self.password_file).read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                why = getattr(exc, "strerror", None) or "not UTF-8 text"
                 raise ConfigError(
-                    [f"xnat.password_file: cannot read {self.password_file}: {exc.strerror}"]
+                    [f"xnat.password_file: cannot read {self.password_file}: {why}"]
                 ) from None
+            if not value:
+                raise ConfigError([f"xnat.password_file: {self.password_file} is empty"])
+            return value
         return ""
 
 
@@ -140,7 +151,7 @@ class Config:
         if name in self.projects:
             return self.projects[name]
         if self.service.serve_unlisted_projects and self.project_defaults is not None:
-            return ProjectConfig(**{**self.project_defaults.__dict__, "name": name})
+            return replace(self.project_defaults, name=name)
         return None
 
 
@@ -193,7 +204,7 @@ class _Reader:
         if float in kinds and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if bool not in kinds and isinstance(value, bool) or not isinstance(value, kinds):
-            names = " or ".join(k.__name__ for k in kinds)
+            names = " or ".join(_KIND_NAMES.get(k, k.__name__) for k in kinds)
             self.problem(full, f"must be {names}, not {value!r}")
             return default
         if check is not None:
@@ -202,6 +213,9 @@ class _Reader:
                 self.problem(full, message)
                 return default
         return value
+
+
+_KIND_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
 
 
 def _closest(word: str, options: set[str]) -> str | None:
@@ -221,14 +235,18 @@ def _ae_title(value: str) -> str | None:
     return None
 
 
+def _not_blank(value: str) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
 def _positive(value: float) -> str | None:
     return None if value > 0 else "must be greater than 0"
 
 
 def _hhmm(value: str) -> str | None:
     m = re.fullmatch(r"(\d{2}):(\d{2})", value)
-    if not m or int(m.group(1)) > 24 or int(m.group(2)) > 59:
-        return "must be a time HH:MM"
+    if not m or int(m.group(1)) > 23 and value != "24:00" or int(m.group(2)) > 59:
+        return "must be a time HH:MM from 00:00 to 24:00"
     return None
 
 
@@ -244,13 +262,15 @@ def _string_list(reader: _Reader, value: Any, path: str) -> tuple[str, ...]:
 
 
 def _read_xnat(r: _Reader, raw: Any) -> XnatConfig:
-    d = r.mapping(raw, "xnat", {"url", "user", "password_env", "password_file", "verify_tls", "ca_bundle", "timeout"})
-    url = r.get(d, "url", "xnat", str, "", required=True)
+    keys = {"url", "user", "password_env", "password_file", "verify_tls", "ca_bundle", "timeout"}
+    secrets = {k for k in SECRET_KEYS if isinstance(raw, dict) and k in raw}
+    for key in sorted(secrets):  # clearer than the generic 'unknown key'
+        r.problem(f"xnat.{key}", "secrets are not read from the YAML; use password_env "
+                  "(an environment variable) or password_file (a file only the service can read)")
+    d = r.mapping(raw, "xnat", keys | secrets)
+    url = r.get(d, "url", "xnat", str, "", required=raw is not None)
     if url and not re.match(r"^https?://", url):
         r.problem("xnat.url", f"must start with http:// or https://, not {url!r}")
-    if "password" in d:
-        r.problems.pop()  # replace the generic 'unknown key' with a clearer message
-        r.problem("xnat.password", "secrets are not read from the YAML; use password_env or password_file")
     env = r.get(d, "password_env", "xnat", str)
     pfile = r.get(d, "password_file", "xnat", str)
     if env and pfile:
@@ -278,11 +298,15 @@ def _read_receiver(r: _Reader, raw: Any) -> ReceiverConfig:
 
 def _read_window(r: _Reader, raw: Any, path: str) -> AvailabilityWindow | None:
     d = r.mapping(raw, path, {"days", "from", "to", "concurrency", "utilisation"})
-    days = tuple(day.lower()[:3] for day in _string_list(r, d.get("days", list(WEEKDAYS)), f"{path}.days"))
-    for day in days:
-        if day not in WEEKDAYS:
-            r.problem(f"{path}.days", f"unknown weekday {day!r}; use {', '.join(WEEKDAYS)}")
-    start = r.get(d, "from", path, str, "00:00", check=_hhmm)
+    given = _string_list(r, d.get("days", list(WEEKDAYS)), f"{path}.days")
+    days = tuple(day.strip().lower()[:3] for day in given)
+    if "days" in d and not given:
+        r.problem(f"{path}.days", "must list at least one weekday (leave it out for every day)")
+    for day, raw_day in zip(days, given):
+        if day not in WEEKDAYS or len(raw_day.strip()) < 3:
+            r.problem(f"{path}.days", f"unknown weekday {raw_day!r}; use {', '.join(WEEKDAYS)}")
+    start = r.get(d, "from", path, str, "00:00",
+                  check=lambda v: _hhmm(v) or ("must be before 24:00" if v == "24:00" else None))
     end = r.get(d, "to", path, str, "24:00", check=_hhmm)
     return AvailabilityWindow(
         days=days,
@@ -298,6 +322,11 @@ def _read_window(r: _Reader, raw: Any, path: str) -> AvailabilityWindow | None:
 
 def _read_pacs(r: _Reader, name: str, raw: Any, receiver: ReceiverConfig) -> PacsConfig:
     path = f"pacs.{name}"
+    if not PACS_NAME_RE.match(name):
+        r.problem(path, "a PACS name is a folder name in the inbox: use letters, digits, '_', '-' "
+                  "or '.', starting with a letter or digit")
+    elif name.lower() in RESERVED_FOLDERS:
+        r.problem(path, f"'{name}' is a reserved inbox folder name; choose another PACS name")
     d = r.mapping(raw, path, {
         "ae_title", "host", "port", "calling_ae_title", "retrieve", "max_associations",
         "timeouts", "retries", "retry_backoff", "availability",
@@ -324,7 +353,7 @@ def _read_pacs(r: _Reader, name: str, raw: Any, receiver: ReceiverConfig) -> Pac
     return PacsConfig(
         name=name,
         ae_title=r.get(d, "ae_title", path, str, "", required=True, check=_ae_title),
-        host=r.get(d, "host", path, str, "", required=True),
+        host=r.get(d, "host", path, str, "", required=True, check=_not_blank),
         port=r.get(d, "port", path, int, 104, required=True, check=_port),
         calling_ae_title=r.get(d, "calling_ae_title", path, str, receiver.ae_title, check=_ae_title),
         retrieve=RetrieveMethod(method or "c-move"),
@@ -388,27 +417,31 @@ def _read_service(r: _Reader, raw: Any) -> ServiceConfig:
     )
 
 
+def _names(section: Any) -> set[str]:
+    """The user-chosen keys of a section (PACS or project names): any key is allowed there."""
+    return set(map(str, section)) if isinstance(section, dict) else set()
+
+
 TOP_KEYS = {"xnat", "receiver", "pacs", "projects", "state_dir", "service", "project_defaults"}
 
 
 def parse_config(data: Any, source: str = "configuration") -> Config:
     """Validate a parsed YAML document; raise ConfigError listing every problem."""
+    if not isinstance(data, dict):
+        what = "empty" if data is None else f"a {type(data).__name__}"
+        raise ConfigError([f"the file must be a YAML mapping with the keys {', '.join(sorted(TOP_KEYS))}; "
+                           f"it is {what}"], source)
     r = _Reader()
     top = r.mapping(data, "", TOP_KEYS)
-    if not isinstance(data, dict):
-        raise ConfigError(r.problems or ["the file is empty"], source)
-    xnat = _read_xnat(r, top.get("xnat"))
-    if "xnat" not in top:
+    if top.get("xnat") is None:
         r.problem("xnat", "is required")
+    xnat = _read_xnat(r, top.get("xnat"))
     receiver = _read_receiver(r, top.get("receiver"))
-    pacs_raw = r.mapping(top.get("pacs"), "pacs", set(map(str, (top.get("pacs") or {}))))
-    if not pacs_raw:
+    pacs_raw = r.mapping(top.get("pacs"), "pacs", _names(top.get("pacs")))
+    if not pacs_raw and isinstance(top.get("pacs"), (dict, type(None))):
         r.problem("pacs", "must define at least one PACS")
     pacs = {name: _read_pacs(r, name, raw, receiver) for name, raw in pacs_raw.items()}
-    for name, p in pacs.items():
-        if p.calling_ae_title != receiver.ae_title and p.retrieve is RetrieveMethod.C_MOVE:
-            pass  # allowed: the PACS knows our receiver under receiver.ae_title (C-MOVE destination)
-    projects_raw = r.mapping(top.get("projects"), "projects", set(map(str, (top.get("projects") or {}))))
+    projects_raw = r.mapping(top.get("projects"), "projects", _names(top.get("projects")))
     projects = {}
     for name, raw in projects_raw.items():
         if not PROJECT_RE.match(name):
@@ -437,17 +470,55 @@ def parse_config(data: Any, source: str = "configuration") -> Config:
     )
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader without YAML 1.1's base-60 integers, and refusing duplicate keys.
+
+    Plain YAML reads ``from: 18:00`` as the integer 1080 (and ``08:00`` as a string); admins write
+    times unquoted, so times stay strings here. A key given twice is an error, not a silent override.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # '<<: *defaults' merges may be overridden by the keys that follow
+            if key_node.value in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"duplicate key '{key_node.value}'", key_node.start_mark,
+                )
+            seen.add(key_node.value)
+        return super().construct_mapping(node, deep=deep)
+
+
+_INT_TAG = "tag:yaml.org,2002:int"
+_INT_NO_BASE60 = re.compile(
+    r"""^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$""", re.X
+)
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, _INT_NO_BASE60 if tag == _INT_TAG else regexp) for tag, regexp in resolvers]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     """Load and validate the configuration from ``path`` or ``$DQR_XNAT_CONFIG``."""
     chosen = path or os.environ.get(CONFIG_ENV)
     if not chosen:
         raise ConfigError([f"no configuration file: pass --config FILE or set {CONFIG_ENV}"])
     try:
-        text = Path(chosen).read_text(encoding="utf-8")
+        raw = Path(chosen).read_bytes()
     except OSError as exc:
         raise ConfigError([f"cannot read {chosen}: {exc.strerror}"], str(chosen)) from None
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError([f"line {line}, column {column}: not UTF-8 text; save the file as UTF-8"],
+                          str(chosen)) from None
+    try:
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
