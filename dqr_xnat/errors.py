@@ -75,6 +75,10 @@ class LabelError(DqrError, ValueError):
     """A label is not a legal XNAT label."""
 
 
+class RelabelError(DqrError, ValueError):
+    """A relabel value cannot be written into the DICOM (too long, wrong form for its VR)."""
+
+
 class StoreError(DqrError):
     """The job store is unusable (corrupt, locked, unwritable)."""
 
