@@ -15,6 +15,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from types import TracebackType
 from typing import NamedTuple
@@ -310,7 +311,7 @@ class XnatEmulator:
             if fault.delay:
                 time.sleep(fault.delay)
             if fault.status is not None:
-                return status_page(fault.status, f"Injected fault ({fault.status}).")
+                return status_page(fault.status, _reason(fault.status))
         try:
             self._authenticate(req)
             found = routes.match(req.path, req.method)
@@ -346,6 +347,14 @@ class XnatEmulator:
             user = self.store.check_basic(*credentials)
             if user is not None:
                 routes.open_session(self.store, req, user)
+
+
+def _reason(status: int) -> str:
+    """Restlet's default page text for a status, e.g. "Internal Server Error"."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return f"Status {status}"
 
 
 def _route_name(path: str) -> str:
