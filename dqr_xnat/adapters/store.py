@@ -422,6 +422,11 @@ _STUDY_FIELDS = frozenset({
 })
 
 
+#: Connections inherited through fork(). SQLite forbids using them in the child; closing them there
+#: (e.g. by garbage collection) could disturb the parent's locks, so the child keeps them forever.
+_FORK_ORPHANS: list[object] = []
+
+
 class JobStore:
     """Thread- and process-safe access to one store file (one connection per thread)."""
 
@@ -430,7 +435,7 @@ class JobStore:
         self.timeout = timeout
         self._local = threading.local()
         self._guard = threading.Lock()
-        self._connections: list[sqlite3.Connection] = []
+        self._connections: dict[threading.Thread, sqlite3.Connection] = {}
         self._pid = os.getpid()
         self._owner = _owner_token()
         try:
@@ -454,16 +459,23 @@ class JobStore:
     # -------------------------------------------------------------------- connections
 
     def _conn(self) -> sqlite3.Connection:
-        if os.getpid() != self._pid:  # forked: never reuse the parent's connections
-            self._local, self._guard, self._connections = threading.local(), threading.Lock(), []
+        if os.getpid() != self._pid:  # forked: never use, nor even close, the parent's connections
+            _FORK_ORPHANS.append((self._local, self._connections))
+            self._local, self._guard, self._connections = threading.local(), threading.Lock(), {}
             self._pid, self._owner = os.getpid(), _owner_token()
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._connect()
             self._local.conn = conn
             with self._guard:
-                self._connections.append(conn)
+                self._close_dead_threads()
+                self._connections[threading.current_thread()] = conn
         return conn
+
+    def _close_dead_threads(self) -> None:
+        """Worker pools come and go: close the connections of threads that have ended."""
+        for thread in [t for t in self._connections if not t.is_alive()]:
+            self._connections.pop(thread).close()
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -526,8 +538,8 @@ class JobStore:
     def close(self) -> None:
         """Close every connection this process opened (call once no thread uses the store)."""
         with self._guard:
-            connections, self._connections = self._connections, []
-        for conn in connections:
+            connections, self._connections = self._connections, {}
+        for conn in connections.values():
             conn.close()
         self._local = threading.local()
 

@@ -335,6 +335,15 @@ def test_threads_never_claim_the_same_study(store: JobStore) -> None:
     assert sorted(claimed) == sorted(ids)
 
 
+def test_connections_of_ended_threads_are_closed(store: JobStore) -> None:
+    """A long-running service starts thread pools per job: their connections must not pile up."""
+    for _ in range(5):
+        thread = threading.Thread(target=store.list_jobs)
+        thread.start()
+        thread.join()
+    assert len(store._connections) <= 2  # this thread's and the last ended thread's (pruned next time)
+
+
 CLAIM_WORKER = """
 import sys, time, pathlib
 from dqr_xnat.adapters.store import JobStore
