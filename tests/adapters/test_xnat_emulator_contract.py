@@ -28,6 +28,7 @@ from tests.fixtures.xnat import (
     XNAT_USER,
     EmulatorFactory,
     ZipFactory,
+    study_datasets,
 )
 
 P = XNAT_PROJECT
@@ -383,6 +384,25 @@ def test_i1_response_is_uri_list_with_crlf_per_study(xnat_emulator: XnatEmulator
     assert [line.rsplit("/", 1)[1] for line in lines[:2]] == ["PAT_ONE", "PAT2"]
 
 
+def test_i1_tar_upload_and_receiving_turns_ready_when_idle(xnat_emulator: XnatEmulator, tmp_path: Path,
+                                                          session: xnat.session.XNATSession) -> None:
+    import tarfile
+
+    datasets = study_datasets(2)
+    tar_path = tmp_path / "study.tar.gz"
+    with tarfile.open(tar_path, "w:gz") as archive:
+        for index, ds in enumerate(datasets):
+            member = tmp_path / f"{index}.dcm"
+            ds.save_as(member, enforce_file_format=True)
+            archive.add(member, f"dir/{index}.dcm")
+    landed = session.services.import_(data=tar_path.read_bytes(), content_type="application/x-tar", project=P,
+                                      subject="S", experiment="TAR")
+    assert landed.status == "RECEIVING"
+    xnat_emulator.receiving_idle = 0.0  # XNAT's rebuilder: idle sessions are built (READY)
+    landed.clearcache()
+    assert landed.status == "READY" and len(xnat_emulator.prearchive_sessions(P)[0].files) == 2
+
+
 def test_i1_same_study_merges_into_one_session(xnat_emulator: XnatEmulator, session: xnat.session.XNATSession,
                                                dicom_zip_factory: ZipFactory) -> None:
     first, datasets = dicom_zip_factory(instances=2)
@@ -565,6 +585,9 @@ def test_q_prearchive_of_other_projects_is_hidden(xnat_emulator: XnatEmulator, d
 
 def test_t1_issue_token_and_log_in_with_it(xnat_emulator: XnatEmulator, session: xnat.session.XNATSession) -> None:
     data = session.get_json("/data/services/tokens/issue")
+    probe = requests.get(xnat_emulator.url + "/", auth=(data["alias"], data["secret"]), timeout=10)
+    assert probe.status_code == 200 and probe.cookies.get("JSESSIONID")  # A1: token Basic opens a session
+    assert requests.get(xnat_emulator.url + "/", auth=(data["alias"], "wrong"), timeout=10).status_code == 401
     assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", data["alias"])
     assert re.fullmatch(r"[A-Za-z0-9]{64}", data["secret"]) and data["xdatUserId"] == XNAT_USER
     assert data["singleUse"] is False and data["enabled"] is True and isinstance(data["estimatedExpirationTime"], int)
@@ -650,13 +673,34 @@ def test_injected_faults_and_slow_answers(xnat_emulator: XnatEmulator, session: 
     assert statuses[:3] == [500, 500, 200]
 
 
-def test_emulator_restarts_on_new_port_and_cli_parser(xnat_emulator_factory: EmulatorFactory) -> None:
-    from dqr_xnat.sandbox.xnat_emulator.__main__ import build_parser
-
+def test_stopped_emulator_refuses_connections(xnat_emulator_factory: EmulatorFactory) -> None:
     emu = xnat_emulator_factory()
     url = emu.url
     emu.stop()
     with pytest.raises(requests.exceptions.ConnectionError):
         requests.get(url, timeout=2)
-    args = build_parser().parse_args(["--user", "svc:pw", "--project", "P1", "--member", "P1:bob:member"])
-    assert args.user == [("svc", "pw")] and args.project == ["P1"]
+
+
+def test_command_line_emulator_serves_until_terminated(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dqr_xnat.sandbox.xnat_emulator", "--root", str(tmp_path), "--user", "svc:pw-1234",
+         "--project", "P1", "--member", "P1:svc:member"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        url = re.search(r"http://127\.0\.0\.1:\d+", process.stdout.readline()).group(0)
+        with connect_url(url, "svc", "pw-1234") as s:
+            assert s.access_levels == {"P1": "member"}
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+    bad = subprocess.run([sys.executable, "-m", "dqr_xnat.sandbox.xnat_emulator", "--member", "P1"],
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "PROJECT:LOGIN:ROLE" in bad.stderr
+
+
+def connect_url(url: str, user: str, password: str) -> xnat.session.XNATSession:
+    return xnat.connect(url, user=user, password=password, no_parse_model=True, loglevel="ERROR")

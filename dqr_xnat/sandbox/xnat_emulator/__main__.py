@@ -20,6 +20,13 @@ def _credentials(value: str) -> tuple[str, str]:
     return login, password
 
 
+def _grant(value: str) -> tuple[str, str, str]:
+    parts = value.split(":")
+    if len(parts) != 3 or not all(parts):
+        raise argparse.ArgumentTypeError(f"expected PROJECT:LOGIN:ROLE, got {value!r}")
+    return parts[0], parts[1], parts[2]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dqr_xnat.sandbox.xnat_emulator",
                                      description="Serve an emulated XNAT 1.8 on 127.0.0.1.")
@@ -30,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--admin", type=_credentials, action="append", default=[], metavar="LOGIN:PASSWORD",
                         help="a site administrator (repeatable)")
     parser.add_argument("--project", action="append", default=[], help="a project ID (repeatable)")
-    parser.add_argument("--member", action="append", default=[], metavar="PROJECT:LOGIN:ROLE",
+    parser.add_argument("--member", type=_grant, action="append", default=[], metavar="PROJECT:LOGIN:ROLE",
                         help="grant ROLE (owner, member, collaborator) in PROJECT to LOGIN (repeatable)")
     return parser
 
@@ -47,8 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for project in args.project:
             emulator.add_project(project, owner=owner)
-        for grant in args.member:
-            project, login, role = grant.split(":")
+        for project, login, role in args.member:
             emulator.grant(project, login, role)
     except (ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -14,7 +14,7 @@ import shutil
 import tarfile
 import tempfile
 import zipfile
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -94,8 +94,8 @@ class ImportRequest:
 def run_import(store: Store, req: ImportRequest, body: Path) -> list[str]:
     """Import every DICOM member of ``body``; return the URI of each session touched, in order."""
     urls: list[str] = []
-    with store.lock:
-        for name, opener in _members(body, req):
+    with store.lock, closing(_members(body, req)) as members:
+        for name, opener in members:
             with _spooled(store, opener) as tmp:
                 header = _read_header(tmp)
                 if header is None:

@@ -24,7 +24,6 @@ from . import routes
 from .server import EmulatorHTTPServer, Request, Response, status_page, text
 from .store import (
     ROLES,
-    UNASSIGNED,
     HttpError,
     Store,
     safe_relative_path,
@@ -159,7 +158,9 @@ class XnatEmulator:
     def grant(self, project: str, login: str, role: str | None) -> None:
         """Give ``login`` a role in ``project``: owner/member (read+write) or collaborator (read); None removes it."""
         if role is not None and role not in ROLES:
-            raise ValueError(f"role must be one of {', '.join(ROLES)}")
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+        if project not in self.store.projects:
+            raise ValueError(f"unknown project {project!r}: add_project() it first")
         self.store.grant(project, login, role)
 
     def expire_sessions(self) -> None:
@@ -365,4 +366,4 @@ def _route_name(path: str) -> str:
     return "(unmatched)"
 
 
-__all__ = ["XnatEmulator", "RequestRecord", "Fault", "PrearchiveRecord", "ArchiveRecord", "UNASSIGNED"]
+__all__ = ["XnatEmulator", "RequestRecord", "Fault", "PrearchiveRecord", "ArchiveRecord"]

@@ -18,7 +18,6 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Iterator
 
 #: XNAT's REST rule for project IDs (XftStringUtils.REGEX_VALID_ID).
 PROJECT_ID_RE = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -561,10 +560,6 @@ class Store:
         for session in self.prearchive:
             if session.receiving and (now - session.lastmod).total_seconds() >= self.receiving_idle:
                 session.receiving = False
-
-    def iter_sessions(self) -> Iterator[PrearcSession]:
-        with self.lock:
-            yield from list(self.prearchive)
 
 
 def file_digest(path: Path) -> tuple[int, str]:
