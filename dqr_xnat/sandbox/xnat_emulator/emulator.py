@@ -322,7 +322,8 @@ class XnatEmulator:
             if found is None:
                 return text(404, f"No route for {req.method} {req.path}\n")
             route, params = found
-            return route.handler(self.store, req, params)
+            with self.store.lock:  # bodies are spooled and answers streamed outside the lock
+                return route.handler(self.store, req, params)
         except HttpError as exc:
             return status_page(exc.status, exc.message)
         except Exception:  # noqa: BLE001 - an emulator bug must look like XNAT's 500, and be visible

@@ -16,6 +16,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+from xml.sax.saxutils import quoteattr
 
 from . import dicom_import
 from .schemas import BUILD_INFO, SCHEMAS
@@ -189,10 +190,11 @@ def resource_get(store: Store, req: Request, m: dict[str, str]) -> Response:
     """The catalog XML: XNAT ignores ``format=json`` here; xnatpy then reads the listing instead."""
     project = store.readable_project(m["project"], req.login or "")
     resource = _resource(store, project, m["resource"])
-    entries = "".join(f'<cat:entry URI="{rel}" ID="{rel}" name="{rel.rsplit("/", 1)[-1]}" digest="{meta.digest}"/>'
-                      for rel, meta in resource.files.items())
+    entries = "".join(f'<cat:entry URI={quoteattr(rel)} ID={quoteattr(rel)} name={quoteattr(rel.rsplit("/", 1)[-1])} '
+                      f'digest="{meta.digest}"/>' for rel, meta in resource.files.items())
     body = ('<?xml version="1.0" encoding="UTF-8"?>\n<cat:Catalog xmlns:cat="http://nrg.wustl.edu/catalog" '
-            f'ID="{resource.id}" description="{resource.label}"><cat:entries>{entries}</cat:entries></cat:Catalog>')
+            f'ID="{resource.id}" description={quoteattr(resource.label)}><cat:entries>{entries}</cat:entries>'
+            '</cat:Catalog>')
     return text(200, body, "text/xml")
 
 
