@@ -130,7 +130,8 @@ class ServiceConfig:
     discover_projects: bool = False  # serve every project that has the inbox resource
     serve_unlisted_projects: bool = False  # with discovery: unlisted projects get project_defaults
     max_csv_mb: float = 10.0
-    workers: int = 2  # relabel/upload worker processes
+    workers: int = 2  # relabel/upload worker threads
+    study_attempts: int = 3  # tries per study (retrieve/upload) before it fails
     metrics_port: int | None = None
     audit_log: str | None = None  # default: <state_dir>/audit.jsonl
 
@@ -412,6 +413,7 @@ def _read_service(r: _Reader, raw: Any) -> ServiceConfig:
         serve_unlisted_projects=r.get(d, "serve_unlisted_projects", "service", bool, False),
         max_csv_mb=r.get(d, "max_csv_mb", "service", float, 10.0, check=_positive),
         workers=r.get(d, "workers", "service", int, 2, check=_positive),
+        study_attempts=r.get(d, "study_attempts", "service", int, 3, check=_positive),
         metrics_port=metrics,
         audit_log=r.get(d, "audit_log", "service", str),
     )

@@ -74,7 +74,8 @@ BUSY_TIMEOUT = 30.0  # seconds a writer waits for another one before StoreError
 #: Study states owned by the process that entered them (resume rules in the module docstring).
 ACTIVE_STATES = frozenset({StudyState.RETRIEVING, StudyState.UPLOADING})
 #: Row outcomes that make a finished job FAILED rather than DONE: the user must act on them.
-FAILED_ROW_STATUSES = frozenset({RowStatus.ERROR, RowStatus.NO_MATCH, RowStatus.AMBIGUOUS})
+# no-match is an outcome, not a failure (csv-language.md); ambiguous imported nothing and needs the user.
+FAILED_ROW_STATUSES = frozenset({RowStatus.ERROR, RowStatus.AMBIGUOUS})
 PENDING_ROW = "pending"  # the key for rows not queried yet in JobProgress.rows
 CANCELLED_ROW_MESSAGE = "not queried: the job was cancelled"
 

@@ -568,7 +568,11 @@ def test_derive_job_state(store: JobStore) -> None:
     store.set_study_state(s2.id, StudyState.SKIPPED)
     assert store.derive_job_state(job.id) is JobState.DONE
     store.set_row_result(job.id, 4, RowStatus.NO_MATCH, "no study matches")
-    assert store.refresh_job_state(job.id, "1 row without match").state is JobState.FAILED
+    # no-match is an outcome, not a failure (csv-language.md)
+    assert store.refresh_job_state(job.id, "1 row without match").state is JobState.DONE
+    store.set_row_result(job.id, 4, RowStatus.AMBIGUOUS, "2 studies match")
+    assert store.refresh_job_state(job.id, "1 ambiguous row").state is JobState.FAILED
+    store.set_row_result(job.id, 4, RowStatus.NO_MATCH, "no study matches")
     progress = store.job_progress(job.id)
     assert dict(progress.rows) == {"matched": 1, "duplicate": 1, "no-match": 1}
     assert dict(progress.studies) == {"skipped": 1}
