@@ -162,12 +162,18 @@ class SeriesFilter:
 
     A series is kept when it matches any include pattern (or there are none) and no exclude
     pattern. Patterns apply to the description; ``modality_*`` apply to Modality.
+
+    ``also_include``/``also_modality_include`` are a second include list ANDed with the first: a
+    narrowing (project owners' settings, project_settings.py) can only keep fewer series than the
+    admins' includes, and two OR-lists of globs cannot be merged into one. Empty = no second test.
     """
 
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     modality_include: tuple[str, ...] = ()
     modality_exclude: tuple[str, ...] = ()
+    also_include: tuple[str, ...] = ()
+    also_modality_include: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -374,11 +374,13 @@ def _glob_any(value: str, patterns: Sequence[str]) -> bool:
 
 
 def series_kept(series: SeriesInfo, rules: SeriesFilter) -> bool:
-    """The SeriesFilter rule: an include pattern (if any) matches and no exclude pattern does."""
-    if rules.include and not _glob_any(series.series_description, rules.include):
-        return False
-    if rules.modality_include and not _glob_any(series.modality, rules.modality_include):
-        return False
+    """The SeriesFilter rule: each include list (if any) has a matching pattern and no exclude does."""
+    for patterns in (rules.include, rules.also_include):
+        if patterns and not _glob_any(series.series_description, patterns):
+            return False
+    for patterns in (rules.modality_include, rules.also_modality_include):
+        if patterns and not _glob_any(series.modality, patterns):
+            return False
     return not (
         _glob_any(series.series_description, rules.exclude)
         or _glob_any(series.modality, rules.modality_exclude)
