@@ -4,23 +4,30 @@ Loading already reports every structural problem with its YAML path; this comman
 the running machine can tell (is the secret readable, is the state directory private and writable)
 so an admin finds all of it in one run. Exit 0 when valid, 2 when there is any problem.
 
-Project owners' XNAT configuration entries (issue 6) are checked through the ``project_entries``
-hook of :func:`check_config`; until the XNAT adapter provides that check, the command says they were
-not checked.
+Project owners' settings entries in XNAT (``dqr-xnat/settings``, project_settings.py) are checked
+through the ``project_entries`` hook of :func:`check_config`: the command logs in with the configured
+account and reads each configured project's entry. A login XNAT refuses (wrong secret, TLS) is a
+problem; an XNAT it cannot reach is only a note, so the file can still be checked offline (or with
+``--offline``, which does not try).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import stat
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, NamedTuple
 
 from dqr_xnat.config import Config, load_config
-from dqr_xnat.errors import ConfigError
+from dqr_xnat.errors import ConfigError, RetriableXnatError, XnatError
+from dqr_xnat.project_settings import SETTINGS_PATH, SETTINGS_TOOL, project_entry_check
 
 EXIT_OK, EXIT_PROBLEMS = 0, 2
+#: Seconds to wait for XNAT during a check; an admin runs this interactively.
+CHECK_TIMEOUT = 10.0
 
 #: Checks one project's configuration entry in XNAT; returns its problems (empty = valid).
 ProjectEntryCheck = Callable[[str], list[str]]
@@ -35,6 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="validate the configuration and print every problem (exit 0 valid, 2 problems)",
     )
     check.add_argument("file", nargs="?", help="YAML file (default: --config or $DQR_XNAT_CONFIG)")
+    check.add_argument("--offline", action="store_true",
+                       help="do not contact XNAT (the projects' settings entries are not checked)")
     parser.set_defaults(func=run)
 
 
@@ -45,13 +54,53 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_problems(exc.source, exc.problems)
         return EXIT_PROBLEMS
-    problems = check_config(config)
+    with _xnat_entries(config, offline=getattr(args, "offline", False)) as xnat:
+        problems = xnat.problems + check_config(config, project_entries=xnat.check)
     if problems:
         _print_problems(config.source, problems)
-        return EXIT_PROBLEMS
-    print(f"{config.source}: valid; {_summary(config)}")
-    print("note: the projects' configuration entries in XNAT are not checked by this version")
-    return EXIT_OK
+    else:
+        print(f"{config.source}: valid; {_summary(config)}")
+    if xnat.note:
+        print(xnat.note)
+    return EXIT_PROBLEMS if problems else EXIT_OK
+
+
+class _XnatCheck(NamedTuple):
+    check: ProjectEntryCheck | None  # None: the entries cannot be checked
+    problems: list[str]  # the login itself failed in a way the admin must fix
+    note: str  # what was (not) checked, for the admin
+
+
+@contextlib.contextmanager
+def _xnat_entries(config: Config, *, offline: bool) -> Iterator[_XnatCheck]:
+    """Log in to XNAT with the configured account, when that can work, to check the projects' entries."""
+    entry = f"{SETTINGS_TOOL}/{SETTINGS_PATH}"
+    skipped = f"note: the projects' settings entries ({entry}) in XNAT were not checked: "
+    if not config.projects:
+        yield _XnatCheck(None, [], "")
+        return
+    if offline or not config.xnat.user or _secret_problems(config):
+        why = ("--offline" if offline else "no XNAT account (xnat.user) is configured" if not config.xnat.user
+               else "the XNAT secret cannot be used (see above)")
+        yield _XnatCheck(None, [], skipped + why)
+        return
+    from dqr_xnat.adapters.xnat import XnatClient  # xnatpy is slow to import; only when needed
+
+    client = XnatClient(replace(config.xnat, timeout=min(config.xnat.timeout, CHECK_TIMEOUT)))
+    try:
+        client.connect()
+    except RetriableXnatError as exc:
+        yield _XnatCheck(None, [], skipped + str(exc))
+        return
+    except XnatError as exc:
+        yield _XnatCheck(None, [f"xnat: {exc}"], skipped + "the login failed")
+        return
+    try:
+        yield _XnatCheck(project_entry_check(config, client), [],
+                         f"XNAT at {config.xnat.url}: the settings entries ({entry}) of "
+                         f"{len(config.projects)} project(s) were checked")
+    finally:
+        client.close()
 
 
 def check_config(config: Config, *, project_entries: ProjectEntryCheck | None = None) -> list[str]:

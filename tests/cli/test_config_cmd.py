@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,16 @@ from dqr_xnat.cli.main import main
 from dqr_xnat.config import load_config
 
 
+def closed_loopback_url() -> str:
+    """An XNAT URL nothing listens on: ``config check`` tries to log in, and must stay on loopback."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"https://127.0.0.1:{sock.getsockname()[1]}"
+
+
 def write_config(tmp_path: Path, **xnat: str) -> Path:
     data = {
-        "xnat": {"url": "https://xnat.example.org", "user": "svc", **xnat},
+        "xnat": {"url": closed_loopback_url(), "user": "svc", **xnat},
         "pacs": {"hospital": {"ae_title": "PACS1", "host": "127.0.0.1", "port": 104}},
         "projects": {"NEURO01": {"pacs": ["hospital"]}},
         "state_dir": str(tmp_path / "state"),
