@@ -273,7 +273,10 @@ class Service:
         watcher.start()
         results: dict[str, JobState] = {}
         while True:
-            self.poll()
+            created = self.poll()
+            for job in filter(None, (self.store.get_job(j.id) for j in created)):
+                if job.state.final:  # rejected or cancelled while being taken in
+                    results[job.id] = job.state
             results.update(self.run_pending())
             if once or self._stop.wait(self.config.service.poll_interval):
                 return results
