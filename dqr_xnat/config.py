@@ -40,6 +40,9 @@ class XnatConfig:
     verify_tls: bool = True
     ca_bundle: str | None = None
     timeout: float = 300.0
+    #: An alias token the service issued itself is renewed once this fraction of its lifetime has
+    #: passed (adapters/xnat.py); the configured token's age is unknown, so it is renewed at once.
+    token_renew_fraction: float = 0.5
 
     def password(self) -> str:
         """Read the secret now (env var or file), so rotations apply without a restart."""
@@ -132,7 +135,8 @@ class ServiceConfig:
     max_csv_mb: float = 10.0
     workers: int = 2  # relabel/upload worker threads
     study_attempts: int = 3  # tries per study (retrieve/upload) before it fails
-    metrics_port: int | None = None
+    metrics_port: int | None = None  # /metrics and /health; None = off (0 = any free port)
+    metrics_host: str = "127.0.0.1"
     audit_log: str | None = None  # default: <state_dir>/audit.jsonl
 
 
@@ -263,7 +267,8 @@ def _string_list(reader: _Reader, value: Any, path: str) -> tuple[str, ...]:
 
 
 def _read_xnat(r: _Reader, raw: Any) -> XnatConfig:
-    keys = {"url", "user", "password_env", "password_file", "verify_tls", "ca_bundle", "timeout"}
+    keys = {"url", "user", "password_env", "password_file", "verify_tls", "ca_bundle", "timeout",
+            "token_renew_fraction"}
     secrets = {k for k in SECRET_KEYS if isinstance(raw, dict) and k in raw}
     for key in sorted(secrets):  # clearer than the generic 'unknown key'
         r.problem(f"xnat.{key}", "secrets are not read from the YAML; use password_env "
@@ -284,6 +289,8 @@ def _read_xnat(r: _Reader, raw: Any) -> XnatConfig:
         verify_tls=r.get(d, "verify_tls", "xnat", bool, True),
         ca_bundle=r.get(d, "ca_bundle", "xnat", str),
         timeout=r.get(d, "timeout", "xnat", float, 300.0, check=_positive),
+        token_renew_fraction=r.get(d, "token_renew_fraction", "xnat", float, 0.5,
+                                   check=lambda v: None if 0 < v < 1 else "must be between 0 and 1 (exclusive)"),
     )
 
 
@@ -404,7 +411,8 @@ def _read_project(r: _Reader, name: str, raw: Any, pacs: Mapping[str, Any], path
 def _read_service(r: _Reader, raw: Any) -> ServiceConfig:
     d = r.mapping(raw, "service", set(ServiceConfig.__dataclass_fields__))
     label = lambda v: None if PROJECT_RE.match(v) else "must be a resource label of [A-Za-z0-9_-]"  # noqa: E731
-    metrics = r.get(d, "metrics_port", "service", int, None, check=_port)
+    metrics = r.get(d, "metrics_port", "service", int, None,
+                    check=lambda v: None if v == 0 else _port(v))  # 0 = any free port
     return ServiceConfig(
         inbox_resource=r.get(d, "inbox_resource", "service", str, "DQR", check=label),
         report_resource=r.get(d, "report_resource", "service", str, "DQR_REPORTS", check=label),
@@ -415,6 +423,7 @@ def _read_service(r: _Reader, raw: Any) -> ServiceConfig:
         workers=r.get(d, "workers", "service", int, 2, check=_positive),
         study_attempts=r.get(d, "study_attempts", "service", int, 3, check=_positive),
         metrics_port=metrics,
+        metrics_host=r.get(d, "metrics_host", "service", str, "127.0.0.1"),
         audit_log=r.get(d, "audit_log", "service", str),
     )
 

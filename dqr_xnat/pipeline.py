@@ -44,6 +44,7 @@ from dqr_xnat.errors import (
     VerificationError,
 )
 from dqr_xnat.logs import phi_hash
+from dqr_xnat.metrics import Metrics
 from dqr_xnat.model import (
     CsvRow,
     JobMode,
@@ -109,6 +110,7 @@ class Pipeline:
         pacs_clients: Mapping[str, PacsClient] | None = None,
         on_report: ReportCallback | None = None,
         progress: Progress | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -117,6 +119,7 @@ class Pipeline:
         self.pacs_clients = dict(pacs_clients or {})
         self.on_report = on_report
         self.progress = progress or Progress()
+        self.metrics = metrics or Metrics()
         self.staging_root = Path(config.state_dir) / "staging"
         self._report_lock = threading.Lock()
         self._last_report = 0.0
@@ -156,7 +159,7 @@ class Pipeline:
         client = self.client(run.pacs)
         workers = max(1, run.pacs.max_associations)
         with ThreadPoolExecutor(workers, thread_name_prefix=f"query-{run.pacs.name}") as pool:
-            futures = [(row, pool.submit(_safe_query, client, row, run.project)) for row in pending]
+            futures = [(row, pool.submit(self._query, client, row, run)) for row in pending]
             for row, future in futures:
                 self._check_cancel(run.job_id)
                 outcome = future.result()
@@ -164,6 +167,13 @@ class Pipeline:
                 self._record_row(run, row, match, outcome, claimed, submit)
                 self.progress.add(rows_done=1)
                 self._report(run.job_id)
+
+    def _query(self, client: PacsClient, row: CsvRow, run: JobRun) -> RowCandidates | DqrError:
+        with self.metrics.timed(run.pacs.name, "query"):
+            outcome = _safe_query(client, row, run.project)
+        if isinstance(outcome, DqrError):
+            self.metrics.failed("query", outcome)
+        return outcome
 
     def _decide(
         self,
@@ -228,16 +238,20 @@ class Pipeline:
         raw.mkdir(parents=True)
         record = self.store.set_study_state(record.id, StudyState.RETRIEVING, staging_dir=str(staging))
         try:
-            result = self.client(run.pacs).retrieve(
-                record.study_uid,
-                raw,
-                series_uids=record.series_uids or None,
-                expected=record.expected,
-                receiver=self.receiver,
-            )
+            with self.metrics.timed(run.pacs.name, run.pacs.retrieve.value):
+                result = self.client(run.pacs).retrieve(
+                    record.study_uid,
+                    raw,
+                    series_uids=record.series_uids or None,
+                    expected=record.expected,
+                    receiver=self.receiver,
+                )
         except PacsError as exc:
+            self.metrics.failed("retrieve", exc)
             self._fail_or_retry(run, record, StudyState.PENDING, exc)
             return False
+        self.metrics.moved("retrieved", run.pacs.name, result.received,
+                           sum(f.stat().st_size for f in result.files))
         self.store.set_study_state(
             record.id, StudyState.RETRIEVED, received=result.received,
             expected=record.expected if record.expected is not None else result.expected)
@@ -278,6 +292,7 @@ class Pipeline:
         except VerificationError as exc:
             self._finish(record, StudyState.SKIPPED, str(exc))
         except DqrError as exc:
+            self.metrics.failed("process", exc)
             current = self.store.get_study(study_id)
             restart = (StudyState.RELABELED
                        if current.state in (StudyState.RELABELED, StudyState.UPLOADING)
@@ -368,6 +383,7 @@ class Pipeline:
         elif result.status.upper() == "ERROR":
             state = StudyState.FAILED
             message = "XNAT marks the prearchive session ERROR; see the prearchive for details"
+        self.metrics.moved("uploaded", run.pacs.name, len(files), zip_path.stat().st_size)
         self._finish(record, state, message, prearchive_url=result.prearchive_url,
                      uploaded=len(files))
 

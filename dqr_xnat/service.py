@@ -17,12 +17,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
-from dqr_xnat.adapters.pacs import StorageSCP
+from dqr_xnat.adapters.pacs import PROCESS_LIMITER, StorageSCP
 from dqr_xnat.adapters.store import Job, JobStore
 from dqr_xnat.adapters.xnat import XnatClient
 from dqr_xnat.config import Config, ProjectConfig
 from dqr_xnat.errors import DqrError, XnatError
 from dqr_xnat.model import JobMode, JobState, ParsedCsv, RetrieveMethod
+from dqr_xnat.metrics import Metrics, MetricsServer, state_families
 from dqr_xnat.pipeline import JobRun, Pipeline, Progress
 from dqr_xnat.reporting import render_report
 from dqr_xnat.stages import schedule
@@ -62,8 +63,11 @@ class Service:
         self.xnat = xnat or XnatClient(config.xnat)
         self.clock = clock
         self.receiver: StorageSCP | None = None
+        self.metrics = Metrics()
+        self.metrics.add_state_collector(lambda: state_families(self.store, self._open_associations))
+        self.metrics_server: MetricsServer | None = None
         self.pipeline = Pipeline(config, self.store, self.xnat, on_report=self.publish_report,
-                                 progress=progress)
+                                 progress=progress, metrics=self.metrics)
         self._local_reports: dict[str, Path] = {}
         self._stop = threading.Event()
 
@@ -87,13 +91,42 @@ class Service:
             self.receiver = StorageSCP(self.config.receiver, self.config.pacs.values(), staging)
             self.receiver.start()
             self.pipeline.receiver = self.receiver
+        if self.config.service.metrics_port is not None:
+            self.metrics_server = MetricsServer(
+                self.metrics, self.health, host=self.config.service.metrics_host,
+                port=self.config.service.metrics_port).start()
+            log.info("metrics and health on http://%s:%d/metrics and /health",
+                     self.config.service.metrics_host, self.metrics_server.port)
 
     def close(self) -> None:
         self._stop.set()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         if self.receiver is not None:
             self.receiver.stop()
         self.xnat.close()
         self.store.close()
+
+    def health(self) -> dict[str, object]:
+        """Whether XNAT and each PACS answer now (C-ECHO; XNAT's session check)."""
+        report: dict[str, object] = {}
+        try:
+            self.xnat.projects()
+            report["xnat"] = "ok"
+        except (DqrError, OSError) as exc:
+            report["xnat"] = f"error: {exc}"
+        pacs_report = {}
+        for pacs in self.config.pacs.values():
+            try:
+                pacs_report[pacs.name] = f"ok ({self.pipeline.client(pacs).echo():.0f} ms)"
+            except (DqrError, OSError) as exc:
+                pacs_report[pacs.name] = f"error: {exc}"
+        report["pacs"] = pacs_report
+        report["ok"] = report["xnat"] == "ok" and all(v.startswith("ok") for v in pacs_report.values())
+        return report
+
+    def _open_associations(self) -> dict[str, int]:
+        return {p.name: PROCESS_LIMITER.open_count(p) for p in self.config.pacs.values()}
 
     # ------------------------------------------------------------------ inbox
 
