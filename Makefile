@@ -7,13 +7,14 @@ BIN    := $(VENV)/bin
 
 setup: system-deps $(VENV)/.installed
 
-# Orthanc and DCMTK are real PACS servers the tests run against (Debian packages).
+# Orthanc and DCMTK are real PACS servers the tests run against; docker-compose validates
+# docker/docker-compose.yml (no Docker engine needed). Debian packages.
 system-deps:
-	@if ! command -v Orthanc >/dev/null || ! command -v dcmqrscp >/dev/null || ! command -v storescp >/dev/null; then \
-	    echo "installing Debian packages orthanc and dcmtk"; \
+	@if ! command -v Orthanc >/dev/null || ! command -v dcmqrscp >/dev/null || ! command -v storescp >/dev/null || ! command -v docker-compose >/dev/null; then \
+	    echo "installing Debian packages orthanc, dcmtk and docker-compose"; \
 	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	    $$SUDO apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends orthanc dcmtk >/dev/null; \
+	    DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends orthanc dcmtk docker-compose >/dev/null; \
 	fi
 
 $(VENV)/.installed: pyproject.toml
