@@ -204,8 +204,9 @@ def start_orthanc(
 ) -> RunningPacs:
     """Orthanc with a throwaway database in ``workdir`` (pacs-notes §2); never reads /etc/orthanc.
 
-    ``extra_config`` keys override the generated configuration (one merged JSON file, because
-    Orthanc refuses keys defined twice in a config directory).
+    ``extra_config`` keys replace generated ones wholesale (``DicomModalities`` too, which drops
+    ``destinations``); one merged JSON file, because Orthanc refuses keys defined twice in a
+    config directory.
     """
     workdir = _prepare(workdir)
     peers = None if allowed_peers is None else list(allowed_peers)
