@@ -1,0 +1,132 @@
+"""One CSV row -> the studies it really matches on one PACS (queries plus our own check).
+
+The PACS's answer is never trusted: every candidate goes through
+:func:`dqr_xnat.stages.verify.check_study`, so a PACS that ignores a key (dcmqrscp and qrscp ignore
+ModalitiesInStudy; qrscp also PatientBirthDate), matches case-insensitively (Orthanc, qrscp
+wildcards) or lacks list matching can never bring in a study the row did not ask for. Candidates
+that fail are dropped and counted. Criteria the PACS neither matched nor returned are reported as
+``unverified``: they must be checked on the retrieved DICOM before upload.
+
+Series-level answers are fetched for a study only when needed: ModalitiesInStudy is a criterion
+and the PACS did not return modalities, or the project filters series.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping, Sequence
+
+from dqr_xnat.adapters.pacs import PacsClient, merge_studies
+from dqr_xnat.errors import PacsError
+from dqr_xnat.model import CsvRow, SeriesFilter, SeriesInfo, StudyInfo
+from dqr_xnat.stages.queries import build_queries
+from dqr_xnat.stages.verify import check_study, filter_series
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RowCandidates:
+    """The studies one row matches on one PACS, after our check.
+
+    ``studies`` passed the check (in the PACS's order); ``dropped`` counts answers that failed it.
+    ``unverified`` maps a StudyInstanceUID to the criteria still to be checked on its DICOM.
+    ``series`` maps a StudyInstanceUID to its series (after the project's series filter) for the
+    studies whose series were fetched; ``series_dropped`` counts series the filter removed.
+    """
+
+    studies: tuple[StudyInfo, ...] = ()
+    dropped: int = 0
+    unverified: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    series: Mapping[str, tuple[SeriesInfo, ...]] = field(default_factory=dict)
+    series_dropped: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("unverified", "series", "series_dropped"):
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+
+    @property
+    def unverified_keys(self) -> tuple[str, ...]:
+        """Every criterion unverified for at least one study, in a stable order."""
+        return tuple(dict.fromkeys(k for keys in self.unverified.values() for k in keys))
+
+
+def _needs_series(query: Mapping[str, str], study: StudyInfo, series_filter: SeriesFilter | None) -> bool:
+    if series_filter is not None and series_filter != SeriesFilter():
+        return True
+    return bool(query.get("ModalitiesInStudy", "").strip()) and not study.modalities
+
+
+def query_row(client: PacsClient, row: CsvRow, *, series_filter: SeriesFilter | None = None) -> RowCandidates:
+    """Run the row's C-FINDs (one per listed value), merge, and keep what passes our check.
+
+    Raises
+    ------
+    PacsError
+        A query failed (after the adapter's retries), or the row needs too many queries.
+    """
+    try:
+        identifiers = build_queries(row.query)
+    except ValueError as exc:
+        raise PacsError(str(exc)) from None
+    found: list[StudyInfo] = []
+    for identifier in identifiers:
+        found.extend(client.find_studies(identifier))
+    kept: list[StudyInfo] = []
+    dropped = 0
+    unverified: dict[str, tuple[str, ...]] = {}
+    series_of: dict[str, tuple[SeriesInfo, ...]] = {}
+    series_dropped: dict[str, int] = {}
+    for study in merge_studies(found):
+        uid = study.study_instance_uid
+        series = client.find_series(uid) if _needs_series(row.query, study, series_filter) else None
+        check = check_study(row.query, study, series)
+        if not check.ok:
+            dropped += 1
+            continue
+        kept.append(study)
+        if check.unverified:
+            unverified[uid] = check.unverified
+        if series is not None:
+            if series_filter is not None:
+                chosen, removed = filter_series(series, series_filter)
+                series_of[uid], series_dropped[uid] = tuple(chosen), len(removed)
+            else:
+                series_of[uid] = tuple(series)
+    if dropped:
+        log.info("line %d: PACS '%s' returned %d candidate(s) failing our check (dropped)",
+                 row.line, client.name, dropped)
+    return RowCandidates(tuple(kept), dropped, unverified, series_of, series_dropped)
+
+
+def query_rows(
+    client: PacsClient,
+    rows: Sequence[CsvRow],
+    *,
+    concurrency: int | None = None,
+    series_filter: SeriesFilter | None = None,
+) -> dict[int, RowCandidates | PacsError]:
+    """Query every row; a row that fails becomes its error, never the whole job's.
+
+    ``concurrency`` threads (default: the PACS's max_associations) run rows in parallel; the
+    association limiter still bounds what reaches the PACS, so more threads only queue.
+    """
+    workers = max(1, min(concurrency or client.config.max_associations, len(rows) or 1))
+
+    def one(row: CsvRow) -> RowCandidates | PacsError:
+        try:
+            return query_row(client, row, series_filter=series_filter)
+        except PacsError as exc:
+            return exc
+        except Exception as exc:  # a bug or an unusable answer must not sink the other rows
+            log.error("line %d: unexpected %s while querying PACS '%s'", row.line, type(exc).__name__, client.name)
+            log.debug("traceback", exc_info=True)  # may hold DICOM values: debug only
+            return PacsError(f"unexpected error while querying: {type(exc).__name__}: {exc}",
+                             pacs=client.name)
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dqr-query") as pool:
+        results = list(pool.map(one, rows))
+    return {row.line: result for row, result in zip(rows, results)}
