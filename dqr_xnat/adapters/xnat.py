@@ -29,7 +29,7 @@ import re
 import threading
 import zipfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Callable, Iterator, NamedTuple, TypeVar
@@ -67,6 +67,12 @@ NETWORK_ERRORS = (requests.ConnectionError, requests.Timeout, requests.exception
 SERVER_TROUBLE = re.compile(r"internal server error|service unavailable|bad gateway|gateway time-?out|"
                             r"request time-?out|too many requests", re.IGNORECASE)
 DEFAULT_MAX_READ = 64 * 1024 * 1024
+#: XNAT's aliasTokenTimeout default, assumed when an issue answer has no estimatedExpirationTime.
+DEFAULT_TOKEN_LIFETIME = 48 * 3600.0
+#: A token is renewed at the latest this many seconds before it expires (a poll may come late).
+RENEW_MARGIN = 15 * 60.0
+#: After a failed renewal, wait this long before trying again (the current token still works).
+RENEW_RETRY = 60.0
 
 T = TypeVar("T")
 
@@ -119,6 +125,13 @@ class IssuedToken(NamedTuple):
     alias: str
     secret: str
     expires_at: datetime | None
+    issued_at: datetime | None = None  # our clock just before asking (a lower bound)
+
+    def renew_at(self, fraction: float, margin: float) -> datetime:
+        """When to replace it: after ``fraction`` of its life, and at least ``margin`` s before it ends."""
+        issued = self.issued_at or datetime.now(timezone.utc)
+        expires = self.expires_at or issued + timedelta(seconds=DEFAULT_TOKEN_LIFETIME)
+        return min(issued + (expires - issued) * fraction, expires - timedelta(seconds=margin))
 
 
 def validate_label(kind: str, label: str) -> None:
@@ -135,11 +148,31 @@ def validate_label(kind: str, label: str) -> None:
 
 
 class XnatClient:
-    """One logged-in XNAT account (user + password, or alias token) and the calls the service needs."""
+    """One logged-in XNAT account (user + password, or alias token) and the calls the service needs.
 
-    def __init__(self, config: XnatConfig, *, xnatpy_logger: logging.Logger | None = None) -> None:
+    Alias tokens expire (XNAT's default: after 2 days), so a long-running client renews its own:
+    with ``auto_renew`` every call first checks :meth:`maybe_renew`. A renewal issues a fresh token
+    with the current session, logs in with it, and switches to that session; the new secret is
+    registered for log redaction and kept in memory only. The configured token's age is unknown, so
+    it is replaced at the first call; tokens this client issued are replaced once
+    ``config.token_renew_fraction`` of their lifetime has passed (and at least ``renew_margin``
+    seconds before they expire). On 401 the client logs in again with its newest token, and with the
+    configured one if that is refused. After a restart the configured token is used again: the admin
+    must keep it valid (re-issue it before it expires) or use a password login.
+    """
+
+    def __init__(self, config: XnatConfig, *, xnatpy_logger: logging.Logger | None = None,
+                 auto_renew: bool = False, renew_margin: float = RENEW_MARGIN,
+                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
         self.config = config
+        self.auto_renew = auto_renew
+        self.renew_margin = renew_margin
+        self._clock = clock
         self._session: XNATSession | None = None
+        self._retired: XNATSession | None = None  # the session before the last renewal
+        self._token: IssuedToken | None = None  # the token we issued and use instead of the configured one
+        self._next_try: datetime | None = None  # renewal back-off after a failure
+        self._renew_lock = threading.Lock()
         self._xnatpy_logger = xnatpy_logger or logging.getLogger(XNATPY_LOGGER)
 
     # ------------------------------------------------------------------ session
@@ -161,10 +194,33 @@ class XnatClient:
         """The XNAT login behind the session (for a token: the user the token belongs to)."""
         return self._session.logged_in_user if self._session is not None else None
 
+    @property
+    def token_expires_at(self) -> datetime | None:
+        """When the token in use expires, if this client issued it (None: configured or password)."""
+        return self._token.expires_at if self._token is not None else None
+
     def connect(self) -> None:
         """Log in (idempotent). Raises XnatAuthError, RetriableXnatError or XnatError."""
         if self._session is not None:
             return
+        token = self._token
+        if token is None:
+            session = self._login(self.config.user, self._configured_secret())
+        else:
+            try:
+                session = self._login(token.alias, token.secret)
+            except XnatAuthError:
+                log.warning("XNAT refused the alias token this service issued itself; logging in with the "
+                            "configured one")
+                self._token = None
+                session = self._login(self.config.user, self._configured_secret())
+        self._session = session
+        log.info("logged in to XNAT at %s as %s", self.config.url,
+                 self._account if self._token is None else "(alias token issued by this service)")
+        if self.auto_renew:
+            self.maybe_renew()
+
+    def _configured_secret(self) -> str:
         if not self.config.user:
             raise XnatAuthError(f"no XNAT account configured for {self.config.url}: set xnat.user "
                                 "(a login, or an alias token) and its password_env or password_file")
@@ -173,25 +229,83 @@ class XnatClient:
             raise XnatAuthError(f"no password for XNAT account {self._account}: set xnat.password_env or "
                                 "xnat.password_file")
         register_secret(secret)
+        if self.uses_token:
+            register_secret(self.config.user)
+        return secret
+
+    def _login(self, user: str, secret: str) -> XNATSession:
+        """A new xnatpy session for ``user``; failures translated (see :meth:`_login_error`)."""
+        if not self.config.verify_tls:
+            log.warning("TLS certificates of XNAT at %s are NOT verified (xnat.verify_tls: false); "
+                        "give xnat.ca_bundle instead", self.config.url)
         try:
-            with _ca_bundle(self.config.ca_bundle):
+            with _tls_environment(self.config.verify_tls, self.config.ca_bundle):
                 session = xnat.connect(
-                    self.config.url, user=self.config.user, password=secret,
+                    self.config.url, user=user, password=secret,
                     verify=self.config.verify_tls, no_parse_model=True, logger=self._xnatpy_logger,
                     default_timeout=self.config.timeout, pilot_timeout=min(self.config.timeout, 30.0),
                 )
         except Exception as exc:  # noqa: BLE001 - translated, never leaked as xnatpy's type
             raise self._login_error(exc) from None
-        if self.config.ca_bundle:
-            session.interface.verify = self.config.ca_bundle
+        _pin_tls(session.interface, self.config)
         session.keepalive = False
-        self._session = session
-        log.info("logged in to XNAT at %s as %s", self.config.url, self._account)
+        return session
 
     def close(self) -> None:
         session, self._session = self._session, None
-        if session is not None:
-            _drop(session)
+        retired, self._retired = self._retired, None
+        for old in (session, retired):
+            if old is not None:
+                _drop(old)
+
+    # ------------------------------------------------------------------ alias token renewal
+
+    def renewal_due(self) -> bool:
+        """Whether the alias token in use should be replaced now (never for a password login)."""
+        if not self.uses_token:
+            return False
+        now = self._clock()
+        if self._next_try is not None and now < self._next_try:
+            return False
+        if self._token is None:
+            return True  # the configured token: its age is unknown
+        return now >= self._token.renew_at(self.config.token_renew_fraction, self.renew_margin)
+
+    def maybe_renew(self) -> bool:
+        """Renew the alias token if due (see the class docstring); True if it did.
+
+        Never raises for a failed renewal: the current token still works until it expires, so the
+        failure is logged and retried after RENEW_RETRY seconds. Other threads do not wait for it.
+        """
+        if not self.renewal_due() or not self._renew_lock.acquire(blocking=False):
+            return False
+        try:
+            if not self.renewal_due():
+                return False
+            return self._renew()
+        finally:
+            self._renew_lock.release()
+
+    def _renew(self) -> bool:
+        try:
+            token = self._issue()
+            session = self._login(token.alias, token.secret)
+        except XnatError as exc:
+            self._next_try = self._clock() + timedelta(seconds=RENEW_RETRY)
+            expires = self.token_expires_at
+            log.warning("could not renew the XNAT alias token (%s); the current one %s; retrying in %.0f s",
+                        redact(str(exc) or type(exc).__name__),
+                        f"expires {expires:%Y-%m-%d %H:%M} UTC" if expires else "has an unknown expiry",
+                        RENEW_RETRY)
+            return False
+        # Switch; the old session is closed at the next renewal, so a call still using it can finish.
+        previous, self._retired = self._retired, self._session
+        self._session, self._token, self._next_try = session, token, None
+        if previous is not None:
+            _drop(previous)
+        log.info("renewed the XNAT alias token; the new one expires %s",
+                 f"{token.expires_at:%Y-%m-%d %H:%M} UTC" if token.expires_at else "at an unknown time")
+        return True
 
     def _reconnect(self) -> None:
         log.info("XNAT session at %s expired; logging in again", self.config.url)
@@ -202,10 +316,12 @@ class XnatClient:
     def _account(self) -> str:
         return "(alias token in xnat.user)" if self.uses_token else f"'{self.config.user}'"
 
-    def _call(self, what: str, project: str, fn: Callable[[XNATSession], T]) -> T:
+    def _call(self, what: str, project: str, fn: Callable[[XNATSession], T], *, renew: bool = True) -> T:
         """Run ``fn`` on the session; on 401 log in again once; translate every failure."""
         for attempt in (1, 2):
             self.connect()
+            if renew and self.auto_renew:
+                self.maybe_renew()
             assert self._session is not None
             try:
                 return fn(self._session)
@@ -465,13 +581,21 @@ class XnatClient:
 
     def issue_token(self) -> IssuedToken:
         """A fresh alias token for the logged-in account (tokens expire, by default after 48 h)."""
+        return self._issue()
+
+    def _issue(self) -> IssuedToken:
+        issued_at = self._clock()
         data = self._call("issue an alias token", "",
-                          lambda s: s.get_json("/data/services/tokens/issue"))
-        register_secret(data["secret"])
+                          lambda s: s.get_json("/data/services/tokens/issue"), renew=False)
+        if not isinstance(data, dict) or not data.get("secret") or not data.get("alias"):
+            raise XnatError(f"XNAT at {self.config.url} answered the token request without a token; check "
+                            "that xnat.url is XNAT's base URL")
+        register_secret(str(data["secret"]))
+        register_secret(str(data["alias"]))
         expires = data.get("estimatedExpirationTime")
         expires_at = (datetime.fromtimestamp(int(expires) / 1000, tz=timezone.utc)
                       if str(expires or "").lstrip("-").isdigit() else None)
-        return IssuedToken(data["alias"], data["secret"], expires_at)
+        return IssuedToken(str(data["alias"]), str(data["secret"]), expires_at, issued_at)
 
     # ------------------------------------------------------------------ error translation
 
@@ -630,24 +754,50 @@ def _stream(data: bytes | Path) -> Iterator[IO[bytes]]:
 
 
 _ca_lock = threading.Lock()
+#: requests lets these variables override ``Session.verify`` (psf/requests#3829).
+CA_ENV = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
 
 
 @contextlib.contextmanager
-def _ca_bundle(path: str | None) -> Iterator[None]:
-    """xnatpy's login requests only honour REQUESTS_CA_BUNDLE; set it for their duration."""
-    if not path:
-        yield
+def _tls_environment(verify_tls: bool, ca_bundle: str | None) -> Iterator[None]:
+    """Make xnatpy's login requests verify as configured, for their duration.
+
+    xnatpy builds its own requests.Session inside ``connect`` and requests lets REQUESTS_CA_BUNDLE /
+    CURL_CA_BUNDLE override that session's ``verify`` (so ``verify=False`` or our CA bundle would be
+    ignored on hosts that set them). The variables are process-wide: changed under a lock, restored after.
+    """
+    if verify_tls and not ca_bundle:
+        yield  # the default: the environment's trust store, as requests would use it
         return
     with _ca_lock:
-        previous = os.environ.get("REQUESTS_CA_BUNDLE")
-        os.environ["REQUESTS_CA_BUNDLE"] = path
+        previous = {name: os.environ.get(name) for name in CA_ENV}
+        for name in CA_ENV:
+            os.environ.pop(name, None)
+        if verify_tls and ca_bundle:
+            os.environ["REQUESTS_CA_BUNDLE"] = ca_bundle
         try:
             yield
         finally:
-            if previous is None:
-                os.environ.pop("REQUESTS_CA_BUNDLE", None)
-            else:
-                os.environ["REQUESTS_CA_BUNDLE"] = previous
+            for name, value in previous.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+def _pin_tls(session: requests.Session, config: XnatConfig) -> None:
+    """Fix the session's verification once, so later environment changes cannot alter it.
+
+    ``trust_env`` off stops the CA variables overriding ``verify`` (psf/requests#3829); the proxy
+    for XNAT's URL (HTTPS_PROXY/NO_PROXY) is resolved now, since trust_env also controlled that.
+    """
+    if not config.verify_tls:
+        verify: bool | str = False
+    else:
+        verify = config.ca_bundle or next((os.environ[n] for n in CA_ENV if os.environ.get(n)), True)
+    session.proxies = requests.utils.get_environ_proxies(config.url)
+    session.trust_env = False
+    session.verify = verify
 
 
 def _drop(session: XNATSession) -> None:

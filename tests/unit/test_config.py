@@ -79,7 +79,9 @@ def _documented_keys() -> set[str]:
 
     window = {"from" if k == "start" else "to" if k == "end" else k for k in names(AvailabilityWindow)}
     return (names(Config) | names(XnatConfig) | names(ReceiverConfig) | names(PacsConfig)
-            | names(Timeouts) | window | names(ProjectConfig) | names(SeriesFilter) | names(ServiceConfig))
+            | names(Timeouts) | window | names(ProjectConfig) | names(ServiceConfig)
+            # also_*: set only by the project owners' narrowing (project_settings.py), not a YAML key
+            | names(SeriesFilter) - {"also_include", "also_modality_include"})
 
 
 def test_example_file_documents_every_key() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import ssl
 import tempfile
 import threading
 import time
@@ -94,8 +95,11 @@ class ArchiveRecord:
 class XnatEmulator:
     """A loopback XNAT 1.8 good enough for xnatpy and the product (see xnat-contract.md §7)."""
 
-    def __init__(self, root_dir: Path | str, *, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, root_dir: Path | str, *, host: str = "127.0.0.1", port: int = 0,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        """``ssl_context`` (a server-side context with a certificate loaded) serves HTTPS instead."""
         self.root_dir = Path(root_dir)
+        self._ssl_context = ssl_context
         self.store = Store(self.root_dir)
         self._address = (host, port)
         self._server: EmulatorHTTPServer | None = None
@@ -110,6 +114,9 @@ class XnatEmulator:
         if self._server is not None:
             return self
         self._server = EmulatorHTTPServer(self._address, self._handle, self.root_dir / "tmp")
+        if self._ssl_context is not None:  # handshake in the connection's thread, not in accept()
+            self._server.socket = self._ssl_context.wrap_socket(self._server.socket, server_side=True,
+                                                                do_handshake_on_connect=False)
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="xnat-emulator", daemon=True)
         self._thread.start()
@@ -140,7 +147,7 @@ class XnatEmulator:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self._ssl_context else 'http'}://127.0.0.1:{self.port}"
 
     # ------------------------------------------------------------------ accounts and projects
 
