@@ -12,6 +12,12 @@ Why it looks the way it does:
   :class:`XnatAuthError`, 408/429/5xx/timeouts/connection -> :class:`RetriableXnatError`, anything
   else -> :class:`XnatError`; each message names the project and says what to do. Secrets are
   registered with :func:`dqr_xnat.logs.register_secret` and never formatted into messages.
+* Alias tokens expire (2 days by default): with ``auto_renew`` (the service) the client issues
+  itself a fresh token at the first call and again after ``xnat.token_renew_fraction`` of its
+  lifetime, in memory only (see :class:`XnatClient`). A restart uses the configured token again.
+* TLS: ``xnat.verify_tls`` and ``xnat.ca_bundle`` are pinned on the session after login, because
+  requests lets REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE in the environment override ``verify``
+  (psf/requests#3829); without either setting the environment's trust store applies, as usual.
 * Imports POST the zip with xnatpy's ``upload_stream`` rather than ``services.import_``: the latter
   folds a multi-line answer into one bogus URI and needs the object model for any non-prearchive
   answer, and we must read every line to catch XNAT's silent routing to ``Unassigned``.
