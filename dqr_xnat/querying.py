@@ -13,6 +13,7 @@ and the PACS did not return modalities, or the project filters series.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -60,6 +61,20 @@ def _needs_series(query: Mapping[str, str], study: StudyInfo, series_filter: Ser
     return bool(query.get("ModalitiesInStudy", "").strip()) and not study.modalities
 
 
+def _with_series_facts(study: StudyInfo, series: Sequence[SeriesInfo]) -> StudyInfo:
+    """Fill what the PACS left out at study level from its series-level answer (dcmqrscp, qrscp)."""
+    counts = [s.number_of_instances for s in series]
+    return dataclasses.replace(
+        study,
+        modalities=study.modalities or tuple(dict.fromkeys(s.modality for s in series if s.modality.strip())),
+        number_of_series=study.number_of_series if study.number_of_series is not None else len(series),
+        number_of_instances=(
+            study.number_of_instances if study.number_of_instances is not None
+            else sum(n for n in counts if n is not None) if series and None not in counts else None
+        ),
+    )
+
+
 def query_row(client: PacsClient, row: CsvRow, *, series_filter: SeriesFilter | None = None) -> RowCandidates:
     """Run the row's C-FINDs (one per listed value), merge, and keep what passes our check.
 
@@ -83,6 +98,8 @@ def query_row(client: PacsClient, row: CsvRow, *, series_filter: SeriesFilter | 
     for study in merge_studies(found):
         uid = study.study_instance_uid
         series = client.find_series(uid) if _needs_series(row.query, study, series_filter) else None
+        if series is not None:
+            study = _with_series_facts(study, series)
         check = check_study(row.query, study, series)
         if not check.ok:
             dropped += 1

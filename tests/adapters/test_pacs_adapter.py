@@ -507,6 +507,7 @@ def test_limiter_never_exceeds_max_associations(any_pacs: RunningPacs) -> None:
         with lock:
             open_now.add(id(event.assoc))
             peak[0] = max(peak[0], len(open_now))
+        time.sleep(0.05)  # hold each association a little, so that the threads surely overlap
 
     def closed(event: evt.Event) -> None:
         with lock:
@@ -523,7 +524,7 @@ def test_limiter_never_exceeds_max_associations(any_pacs: RunningPacs) -> None:
 
     def work(client: PacsClient) -> None:
         try:
-            for _ in range(4):
+            for _ in range(3):
                 client.echo()
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
