@@ -40,6 +40,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -216,8 +217,6 @@ def _detail(exc: PacsError) -> str:
 
 def _nodelay(event: evt.Event) -> None:
     """Nagle off: DCMTK peers otherwise stall 40 ms per DIMSE exchange (pacs-notes §0)."""
-    import socket
-
     sock = event.assoc.dul.socket
     if sock is not None and sock.socket is not None:
         sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -1071,7 +1070,16 @@ class PacsClient:
             return None
 
     def _narrow(self, state: _Retrieval) -> None:
-        """Before a retry: request only the series that are short, when we know their counts."""
+        """Before a retry: request only the series that are short, when their counts are known.
+
+        The counts come from the first attempt's look-up, else from one SERIES-level C-FIND now
+        (Orthanc gives them); without them the whole study (or chosen series) is requested again.
+        """
+        if state.series_counts is None:
+            series = self._find_series_once(state.study_uid)
+            wanted = [s for s in series if state.chosen is None or s.series_instance_uid in state.chosen]
+            if wanted and all(s.number_of_instances is not None for s in wanted):
+                state.series_counts = {s.series_instance_uid: int(s.number_of_instances or 0) for s in wanted}
         if state.series_counts is None:
             state.request = None
             return

@@ -440,25 +440,55 @@ def big_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[SyntheticStudy,
     return study, write_studies([study], tmp_path_factory.mktemp("big"))
 
 
+def _after_files(out: Path, count: int, action: Callable[[], None]) -> threading.Thread:
+    """Run ``action`` in a thread once ``count`` files have landed in ``out`` (mid-transfer)."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + 60
+        while len(list(out.glob("*.dcm"))) < count and time.monotonic() < deadline:
+            time.sleep(0.002)
+        action()
+
+    out.mkdir(exist_ok=True)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    return watcher
+
+
 def _interrupted_move(
     pacs: RunningPacs, receiver: StorageSCP, study: SyntheticStudy, out: Path, interrupt: Callable[[], None]
 ) -> PacsError:
     """C-MOVE the study, calling ``interrupt`` once 10 files have landed; the error it ended with."""
-
-    def watch() -> None:
-        deadline = time.monotonic() + 60
-        while len(list(out.glob("*.dcm"))) < 10 and time.monotonic() < deadline:
-            time.sleep(0.002)
-        interrupt()
-
-    out.mkdir()
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
+    watcher = _after_files(out, 10, interrupt)
     with pytest.raises(PacsError) as caught:
         client_for(pacs, retries=0).retrieve(study.study_uid, out, receiver=receiver)
     watcher.join()
     assert 10 <= len(list(out.glob("*.dcm"))) < study.instances, caught.value
     return caught.value
+
+
+@pytest.mark.parametrize("kind", ["orthanc", "dcmqrscp"])
+def test_retry_requests_only_the_short_series(
+    make_pacs: Callable[..., RunningPacs],
+    make_receiver: Callable[..., StorageSCP],
+    big_study: tuple[SyntheticStudy, list[Path]],
+    kind: str,
+    tmp_path: Path,
+) -> None:
+    study, files = big_study  # two series of 60
+    pacs = make_pacs(kind, load=files)
+
+    def crash_and_come_back() -> None:
+        pacs.kill()
+        pacs.restart()
+
+    watcher = _after_files(tmp_path / "out", 70, crash_and_come_back)  # series 1 done, series 2 not
+    client = client_for(pacs, retries=6, retry_backoff=0.5)
+    result = client.retrieve(study.study_uid, tmp_path / "out", receiver=make_receiver(pacs))
+    watcher.join()
+    assert (result.received, result.expected) == (120, 120)
+    # both PACS send series by series: the successful attempt moved only the unfinished one
+    assert result.completed == 60
 
 
 @pytest.mark.parametrize("kind", ["orthanc", "dcmqrscp", "qrscp"])
