@@ -24,6 +24,13 @@ Decisions (see pacs-notes.md for the measurements behind them):
   :data:`PROCESS_LIMITER` can be replaced by a cross-process one (file lock, shared store).
 * **TCP_NODELAY on every socket** (EVT_CONN_OPEN), and pynetdicom's identifier logging is off:
   identifiers are PHI.
+* **Chosen series are requested one SERIES-level identifier each** (on one association), never as a
+  UID list: pynetdicom's qrscp fails a C-MOVE keyed on a SeriesInstanceUID list, and reports it as
+  0xA801.
+* **pynetdicom#875 is guarded against** (:class:`_ResponseWatch`): its reactor thread sometimes
+  swallows a response (measured: 1 C-FIND in ~300). A swallowed C-FIND answer is detected and the
+  query retried instead of silently losing a study; a swallowed final response aborts the
+  association after a few seconds instead of waiting out the DIMSE timeout.
 * The storage SCP streams each instance to a temporary file (pynetdicom's
   ``STORE_RECV_CHUNKED_DATASET``) and renames it into place: bounded memory, pixel data never
   decoded, the bytes exactly as the PACS sent them. It refuses unknown calling AE titles at
@@ -690,25 +697,70 @@ class _SubOps:
         )
 
 
-class _PendingFindResponses:
-    """Pending C-FIND responses that reached one association, whoever took them off the queue.
+class _ResponseWatch:
+    """Watches the DIMSE responses reaching one association, whoever takes them off the queue.
 
     pynetdicom 3.0 has a race (pynetdicom#875): the association's reactor thread can take a
-    response off the DIMSE queue before send_c_find's generator does, and drops it with "Received
-    unexpected C-FIND service message". A lost *pending* answer would silently drop a study from
-    the results; counting arrivals through the public EVT_DIMSE_RECV event turns that into a
-    retriable error. Measured: about 1 C-FIND in 300 against dcmqrscp on a 2-core machine.
+    response off the DIMSE queue before the send_c_*() generator does, and drops it ("Received
+    unexpected C-FIND service message"); measured about 1 C-FIND in 300 on a 2-core machine.
+    A lost *pending* C-FIND answer would silently drop a study: :attr:`pending_find` counts them
+    as they arrive (public EVT_DIMSE_RECV event) so the caller can compare. A lost *final*
+    response would leave the generator waiting for the whole DIMSE timeout: if nobody has taken
+    it after :attr:`grace` seconds, the association is aborted, which ends the wait at once.
     """
+
+    grace = 5.0
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.count = 0
+        self.pending_find = 0
+        self.lost_final = False
+        self._finals_arrived = 0
+        self._finals_taken = 0
+        self._timer: threading.Timer | None = None
 
     def on_message(self, event: evt.Event) -> None:
         command = event.message.command_set
-        if command.get("CommandField") == 0x8020 and command.get("Status") in (0xFF00, 0xFF01):
-            with self._lock:
-                self.count += 1
+        field = command.get("CommandField")
+        if field is None or not field & 0x8000:  # a request (C-STORE of a C-GET): not ours to count
+            return
+        if command.get("Status") in (0xFF00, 0xFF01):
+            if field == 0x8020:
+                with self._lock:
+                    self.pending_find += 1
+            return
+        timer = threading.Timer(self.grace, self._check, args=(event.assoc,))
+        timer.daemon = True
+        with self._lock:
+            self._finals_arrived += 1
+            self._timer = timer
+        timer.start()
+
+    def took_final(self) -> None:
+        """The generator has the final response: no need to watch any longer."""
+        with self._lock:
+            self._finals_taken += 1
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+
+    def _check(self, assoc: Association) -> None:
+        with self._lock:
+            lost = self._finals_taken < self._finals_arrived
+            self.lost_final = self.lost_final or lost
+        if lost:
+            log.warning("a final DIMSE response was lost inside pynetdicom (#875); aborting the association")
+            assoc.abort()
+
+    def no_response(self, what: str, timeout: float) -> str:
+        """Why a generator ended without a final response, for the error message."""
+        if self.lost_final:
+            return f"the final answer to {what} arrived but was lost inside pynetdicom (#875)"
+        return f"no answer to {what} within {timeout:g} s, or the association was aborted"
 
 
 @dataclass
@@ -853,7 +905,7 @@ class PacsClient:
         roles: Sequence[Any] = (),
         handlers: Sequence[tuple[Any, Callable[..., Any]]] = (),
         max_pdu: int = 16382,
-    ) -> Iterator[Association]:
+    ) -> Iterator[tuple[Association, _ResponseWatch]]:
         """An established association holding a limiter slot; released (or aborted) afterwards."""
         t = self.config.timeouts
         ae = AE(ae_title=self.config.calling_ae_title)
@@ -867,7 +919,9 @@ class PacsClient:
             opened.set()
             _nodelay(event)
 
-        bound = [(evt.EVT_CONN_OPEN, on_open), *handlers, *self.event_handlers]
+        watch = _ResponseWatch()
+        bound = [(evt.EVT_CONN_OPEN, on_open), (evt.EVT_DIMSE_RECV, watch.on_message), *handlers,
+                 *self.event_handlers]
         with self.limiter.slot(self.config):
             assoc = ae.associate(
                 self.config.host, self.config.port, ae_title=self.config.ae_title,
@@ -876,7 +930,7 @@ class PacsClient:
             if not assoc.is_established:
                 raise self._association_failure(assoc, opened.is_set())
             try:
-                yield assoc
+                yield assoc, watch
             except PacsError:
                 assoc.release()  # the PACS answered, so part politely (a no-op if it aborted)
                 raise
@@ -885,6 +939,8 @@ class PacsClient:
                 raise
             else:
                 assoc.release()
+            finally:
+                watch.close()
 
     def _association_failure(self, assoc: Association, connected: bool) -> PacsError:
         ours, theirs = self.config.calling_ae_title, self.config.ae_title
@@ -920,11 +976,11 @@ class PacsClient:
 
     def _echo_once(self) -> float:
         start = time.perf_counter()
-        with self._association([(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]) as assoc:
+        with self._association([(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]) as (assoc, watch):
             status = assoc.send_c_echo()
             if not status:
-                raise self._error(RetriablePacsError, f"no answer to C-ECHO from {self.address} "
-                                  f"within {self.config.timeouts.dimse:g} s, or the association was aborted")
+                raise self._error(RetriablePacsError, watch.no_response("C-ECHO", self.config.timeouts.dimse))
+            watch.took_final()
             if status.Status != 0x0000:
                 raise self._error(PacsError, f"C-ECHO answered with status 0x{status.Status:04X}")
         return (time.perf_counter() - start) * 1000.0
@@ -970,38 +1026,37 @@ class PacsClient:
     ) -> list[list[Dataset]]:
         """Run C-FINDs on one association; the answers of each query, in order."""
         results: list[list[Dataset]] = []
-        arrived = _PendingFindResponses()
         contexts = [(FIND_MODEL, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
-        with self._association(contexts, handlers=[(evt.EVT_DIMSE_RECV, arrived.on_message)]) as assoc:
+        with self._association(contexts) as (assoc, watch):
             self._require_context(assoc, FIND_MODEL, "Study Root C-FIND")
             for keys in queries:
-                results.append(self._one_find(assoc, query_dataset(level, keys, charset), level, arrived))
+                results.append(self._one_find(assoc, watch, query_dataset(level, keys, charset), level))
         return results
 
     def _one_find(
-        self, assoc: Association, request: Dataset, level: str, arrived: _PendingFindResponses
+        self, assoc: Association, watch: _ResponseWatch, request: Dataset, level: str
     ) -> list[Dataset]:
         answers: list[Dataset] = []
-        before, pending = arrived.count, 0
+        before, pending = watch.pending_find, 0
         for status, identifier in assoc.send_c_find(request, FIND_MODEL):
             if not status:
-                raise self._error(RetriablePacsError, (
-                    f"no answer to a {level}-level C-FIND within {self.config.timeouts.dimse:g} s, "
-                    "or the association was aborted"
-                ))
+                what = f"a {level}-level C-FIND"
+                raise self._error(RetriablePacsError, watch.no_response(what, self.config.timeouts.dimse))
             code = int(status.Status)
             category = code_to_category(code)
             if category == "Pending":
                 pending += 1
                 if identifier is not None:
                     answers.append(identifier)
-            elif category in ("Success", "Warning"):
+                continue
+            watch.took_final()
+            if category in ("Success", "Warning"):
                 if category == "Warning":
                     log.warning("PACS '%s': C-FIND ended with warning 0x%04X", self.name, code)
-                if arrived.count - before > pending:
+                if watch.pending_find - before > pending:
                     raise self._error(RetriablePacsError, (
-                        f"{arrived.count - before - pending} {level}-level C-FIND answer(s) arrived but were "
-                        "lost inside pynetdicom (its reactor race, pynetdicom#875); the query is repeated"
+                        f"{watch.pending_find - before - pending} {level}-level C-FIND answer(s) arrived but "
+                        "were lost inside pynetdicom (its reactor race, pynetdicom#875); the query is repeated"
                     ))
                 return answers
             elif 0xA700 <= code <= 0xA7FF:
@@ -1100,10 +1155,10 @@ class PacsClient:
 
     def _c_move(self, state: _Retrieval, destination: str) -> tuple[Dataset | None, _SubOps]:
         contexts = [(MOVE_MODEL, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
-        with self._association(contexts) as assoc:
+        with self._association(contexts) as (assoc, watch):
             self._require_context(assoc, MOVE_MODEL, "Study Root C-MOVE")
             return self._follow_all(
-                assoc.send_c_move(request, destination, MOVE_MODEL) for request in self._requests(state)
+                watch, (assoc.send_c_move(request, destination, MOVE_MODEL) for request in self._requests(state))
             )
 
     def _c_get(self, state: _Retrieval, receipt: StudyReceipt, staging: Path) -> tuple[Dataset | None, _SubOps]:
@@ -1116,19 +1171,23 @@ class PacsClient:
         study_uid = state.study_uid
         handler = _store_handler(lambda study: receipt if study == study_uid else None, staging,
                                  f"C-GET from {self.name}")
-        with self._association(contexts, roles=roles, handlers=[(evt.EVT_C_STORE, handler)], max_pdu=0) as assoc:
+        with self._association(
+            contexts, roles=roles, handlers=[(evt.EVT_C_STORE, handler)], max_pdu=0
+        ) as (assoc, watch):
             self._require_context(assoc, GET_MODEL, "Study Root C-GET")
-            return self._follow_all(assoc.send_c_get(request, GET_MODEL) for request in self._requests(state))
+            return self._follow_all(
+                watch, (assoc.send_c_get(request, GET_MODEL) for request in self._requests(state))
+            )
 
     @classmethod
     def _follow_all(
-        cls, operations: Iterator[Iterator[tuple[Dataset, Dataset | None]]]
+        cls, watch: _ResponseWatch, operations: Iterator[Iterator[tuple[Dataset, Dataset | None]]]
     ) -> tuple[Dataset | None, _SubOps]:
         """Run the operations in turn; stop at the first that fails. Counts are summed."""
         total = _SubOps()
         final: Dataset | None = None
         for responses in operations:
-            status, subops = cls._follow(responses)
+            status, subops = cls._follow(watch, responses)
             total = _SubOps(total.completed + subops.completed, total.failed + subops.failed,
                             total.warning + subops.warning, subops.remaining)
             if status is None or code_to_category(int(status.Status)) not in ("Success", "Warning"):
@@ -1138,7 +1197,9 @@ class PacsClient:
         return final, total
 
     @staticmethod
-    def _follow(responses: Iterator[tuple[Dataset, Dataset | None]]) -> tuple[Dataset | None, _SubOps]:
+    def _follow(
+        watch: _ResponseWatch, responses: Iterator[tuple[Dataset, Dataset | None]]
+    ) -> tuple[Dataset | None, _SubOps]:
         """Consume C-MOVE/C-GET responses: the final status (None = none came) and sub-op counts."""
         last = _SubOps()
         for status, _identifier in responses:
@@ -1147,6 +1208,7 @@ class PacsClient:
             if code_to_category(int(status.Status)) == "Pending":
                 last = _SubOps.of(status, last)
                 continue
+            watch.took_final()
             return status, _SubOps.of(status, last)
         return None, last
 
