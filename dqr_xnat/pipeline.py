@@ -43,6 +43,7 @@ from dqr_xnat.errors import (
     RetriableError,
     VerificationError,
 )
+from dqr_xnat.audit import NullAuditLog
 from dqr_xnat.logs import phi_hash
 from dqr_xnat.metrics import Metrics
 from dqr_xnat.model import (
@@ -51,11 +52,12 @@ from dqr_xnat.model import (
     JobState,
     RowMatch,
     RowStatus,
+    SeriesInfo,
     StudyInfo,
     StudyState,
     XnatLabels,
 )
-from dqr_xnat.querying import RowCandidates, query_row
+from dqr_xnat.querying import SERIES_DESCRIPTION, RowCandidates, query_row
 from dqr_xnat.stages import labels as label_stage
 from dqr_xnat.stages import verify
 
@@ -111,6 +113,7 @@ class Pipeline:
         on_report: ReportCallback | None = None,
         progress: Progress | None = None,
         metrics: Metrics | None = None,
+        audit: NullAuditLog | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -120,6 +123,7 @@ class Pipeline:
         self.on_report = on_report
         self.progress = progress or Progress()
         self.metrics = metrics or Metrics()
+        self.audit = audit or NullAuditLog()
         self.staging_root = Path(config.state_dir) / "staging"
         self._report_lock = threading.Lock()
         self._last_report = 0.0
@@ -147,6 +151,8 @@ class Pipeline:
             self._cancel_rest(run.job_id)
         state = self.store.derive_job_state(run.job_id)
         self.store.set_job_state(run.job_id, state, _job_message(self.store, run.job_id))
+        progress = self.store.job_progress(run.job_id)
+        self.audit.job_finished(run.job_id, state=state, counts={**progress.rows, **progress.studies})
         self._report(run.job_id, final=True)
         return state
 
@@ -184,13 +190,19 @@ class Pipeline:
     ) -> RowMatch:
         if isinstance(outcome, DqrError):
             return RowMatch(row.line, RowStatus.ERROR, str(outcome))
-        return verify.decide_row(
+        match = verify.decide_row(
             row,
             outcome.studies,
             claimed,
             multiple_matches=run.project.multiple_matches,
             dropped=outcome.dropped,
         )
+        limit = run.project.max_studies
+        if match.status is RowStatus.MATCHED and len(claimed) + len(match.studies) > limit:
+            return RowMatch(row.line, RowStatus.ERROR,
+                            f"the job would exceed the project's limit of {limit} studies per job; "
+                            "nothing imported for this row. Split the CSV, or ask the admins")
+        return match
 
     def _record_row(
         self,
@@ -209,6 +221,15 @@ class Pipeline:
                 studies.append(_new_study(run.project, match, outcome, study))
         # A preview records its matches too (for the report); only an import hands them on.
         records = self.store.record_row(run.job_id, match, studies)
+        log.info("job %s line %d: %s (%d studies)", run.job_id, row.line, match.status.value,
+                 len(match.studies))
+        if isinstance(outcome, DqrError):
+            self.audit.failure(run.job_id, kind="query", message=str(outcome), line=row.line,
+                               phi=[*row.query.values(), *row.relabel.values()])
+        else:
+            self.audit.query(run.job_id, line=row.line, criteria=row.query, pacs=run.pacs.name,
+                             counts={"candidates": len(outcome.studies) + outcome.dropped,
+                                     "matched": len(match.studies), "dropped": outcome.dropped})
         if submit is not None:
             for record in records:
                 self.progress.add(studies_total=1)
@@ -252,6 +273,11 @@ class Pipeline:
             return False
         self.metrics.moved("retrieved", run.pacs.name, result.received,
                            sum(f.stat().st_size for f in result.files))
+        log.info("job %s line %d: study %s retrieved, %d of %s instances", run.job_id, record.line,
+                 phi_hash(record.study_uid), result.received, record.expected or result.expected)
+        self.audit.study_retrieved(run.job_id, line=record.line, study_uid=record.study_uid,
+                                   counts={"expected": record.expected or 0, "received": result.received,
+                                           "failed": result.failed})
         self.store.set_study_state(
             record.id, StudyState.RETRIEVED, received=result.received,
             expected=record.expected if record.expected is not None else result.expected)
@@ -308,6 +334,8 @@ class Pipeline:
                             pacs=run.pacs.name)
         if record.unverified:
             self._verify_on_dicom(run, row, record, files)
+        if SERIES_DESCRIPTION in record.unverified:
+            files = self._filter_series_on_dicom(run, record, files)
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir()
         plan = dict(row.relabel)
@@ -355,6 +383,30 @@ class Pipeline:
                 "the retrieved DICOM does not match the row's " + ", ".join(failing)
                 + f" (PACS '{run.pacs.name}' could neither match nor return it); not imported")
 
+    def _filter_series_on_dicom(self, run: JobRun, record: StudyRecord, files: list[Path]) -> list[Path]:
+        """Apply the series filter's description rules where the PACS did not return descriptions."""
+        series: dict[str, SeriesInfo] = {}
+        of_file: dict[Path, str] = {}
+        for path in files:
+            values = dicom_files.read_study_values(path)
+            uid = values.get("SeriesInstanceUID", "")
+            of_file[path] = uid
+            series.setdefault(uid, SeriesInfo(uid, series_description=values.get("SeriesDescription", ""),
+                                              modality=values.get("Modality", "")))
+        dropped = {uid for uid, info in series.items() if not verify.series_kept(info, run.project.series)}
+        if not dropped:
+            return files
+        kept = [p for p in files if of_file[p] not in dropped]
+        for path in files:
+            if of_file[path] in dropped:
+                path.unlink()
+        note = (f"{len(files) - len(kept)} instance(s) of {len(dropped)} series excluded by the "
+                "project's series filter (checked on the retrieved DICOM)")
+        if not kept:
+            raise VerificationError("every series of the study is excluded by the project's series filter")
+        self.store.update_study(record.id, message=note)
+        return kept
+
     def _already_landed(self, run: JobRun, record: StudyRecord) -> bool:
         """After a crash mid-upload: did the study reach the prearchive? Then never send it again."""
         for entry in self.xnat.find_prearchive(run.project.name, record.study_uid):
@@ -376,14 +428,20 @@ class Pipeline:
         record = self.store.set_study_state(record.id, StudyState.UPLOADING)
         assert record.subject is not None and record.session is not None
         result = self.xnat.import_study(run.project.name, record.subject, record.session, zip_path)
-        state, message = StudyState.DONE, "in the prearchive"
+        state, message = StudyState.DONE, "in the prearchive" + (f"; {record.message}" if record.message else "")
         if result.status.upper() == "CONFLICT":
             message = ("in the prearchive, but XNAT marks it CONFLICT: a session with this label "
                        "already exists in the project; resolve it in the prearchive")
         elif result.status.upper() == "ERROR":
             state = StudyState.FAILED
             message = "XNAT marks the prearchive session ERROR; see the prearchive for details"
+        log.info("job %s line %d: study %s uploaded to project %s (%s)", run.job_id, record.line,
+                 phi_hash(record.study_uid), run.project.name, result.status)
         self.metrics.moved("uploaded", run.pacs.name, len(files), zip_path.stat().st_size)
+        self.audit.study_uploaded(
+            run.job_id, line=record.line, study_uid=record.study_uid, project=run.project.name,
+            subject=record.subject, session=record.session, instances=len(files),
+            prearchive_url=result.prearchive_url, labels_in_clear=run.project.report_patient_identity)
         self._finish(record, state, message, prearchive_url=result.prearchive_url,
                      uploaded=len(files))
 
@@ -401,6 +459,8 @@ class Pipeline:
                      attempts, exc)
             return
         self.store.record_attempt(record.id, str(exc))
+        self.audit.failure(run.job_id, kind=type(exc).__name__, message=str(exc), line=record.line,
+                           study_uid=record.study_uid, phi=_study_phi(run, record))
         self._finish(record, StudyState.FAILED, str(exc))
 
     @property
@@ -538,6 +598,14 @@ def _job_message(store: JobStore, job_id: str) -> str:
     rows = ", ".join(f"{n} {status}" for status, n in sorted(progress.rows.items()) if n)
     studies = ", ".join(f"{n} {state}" for state, n in sorted(progress.studies.items()) if n)
     return f"rows: {rows or 'none'}; studies: {studies or 'none'}"
+
+
+def _study_phi(run: JobRun, record: StudyRecord) -> list[str]:
+    """Values an audit message must not show in clear."""
+    info = record.info
+    row = _row_by_line(run.rows, record.line)
+    return [info.patient_name, info.patient_id, info.patient_birth_date, info.accession_number,
+            record.subject or "", record.session or "", *row.query.values(), *row.relabel.values()]
 
 
 def _wait_until(moment: datetime | None) -> None:

@@ -24,7 +24,7 @@ from dqr_xnat.adapters.pacs import PacsClient, merge_studies
 from dqr_xnat.errors import PacsError
 from dqr_xnat.model import CsvRow, SeriesFilter, SeriesInfo, StudyInfo
 from dqr_xnat.stages.queries import build_queries
-from dqr_xnat.stages.verify import check_study, filter_series
+from dqr_xnat.stages.verify import check_study, series_kept
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,32 @@ def _with_series_facts(study: StudyInfo, series: Sequence[SeriesInfo]) -> StudyI
     )
 
 
+#: The pseudo-criterion "the series filter's description patterns": checked on the retrieved DICOM
+#: when the PACS does not return SeriesDescription (dcmqrscp, qrscp).
+SERIES_DESCRIPTION = "SeriesDescription"
+
+
+def _apply_series_filter(
+    series: Sequence[SeriesInfo], rules: SeriesFilter
+) -> tuple[tuple[SeriesInfo, ...], tuple[SeriesInfo, ...], bool]:
+    """(kept, dropped, undecided): a series whose description the PACS did not return is kept
+    when its modality passes, and the description rules are applied to its DICOM after retrieval
+    (so a "Dose Report" exclusion holds on every PACS)."""
+    has_description_rules = bool(rules.include or rules.also_include or rules.exclude)
+    modality_only = dataclasses.replace(rules, include=(), also_include=(), exclude=())
+    kept: list[SeriesInfo] = []
+    dropped: list[SeriesInfo] = []
+    undecided = False
+    for one in series:
+        if has_description_rules and not one.series_description.strip():
+            decided = series_kept(one, modality_only)
+            undecided = undecided or decided
+        else:
+            decided = series_kept(one, rules)
+        (kept if decided else dropped).append(one)
+    return tuple(kept), tuple(dropped), undecided
+
+
 def query_row(client: PacsClient, row: CsvRow, *, series_filter: SeriesFilter | None = None) -> RowCandidates:
     """Run the row's C-FINDs (one per listed value), merge, and keep what passes our check.
 
@@ -109,8 +135,10 @@ def query_row(client: PacsClient, row: CsvRow, *, series_filter: SeriesFilter | 
             unverified[uid] = check.unverified
         if series is not None:
             if series_filter is not None:
-                chosen, removed = filter_series(series, series_filter)
+                chosen, removed, undecided = _apply_series_filter(series, series_filter)
                 series_of[uid], series_dropped[uid] = tuple(chosen), len(removed)
+                if undecided:
+                    unverified[uid] = (*unverified.get(uid, ()), SERIES_DESCRIPTION)
             else:
                 series_of[uid] = tuple(series)
     if dropped:

@@ -25,7 +25,11 @@ STUDY_STATUS = {
 }
 
 
-def report_lines(store: JobStore, job: Job) -> list[ReportLine]:
+#: Shown instead of a subject label that is the patient's name (no Subject / Relabel Patient Name).
+HIDDEN_SUBJECT = "(patient name: hidden)"
+
+
+def report_lines(store: JobStore, job: Job, *, show_identity: bool = False) -> list[ReportLine]:
     studies: dict[int, list[StudyRecord]] = {}
     for study in store.studies(job.id):
         studies.setdefault(study.line, []).append(study)
@@ -34,7 +38,7 @@ def report_lines(store: JobStore, job: Job) -> list[ReportLine]:
         row_studies = studies.get(row.line, [])
         if not row_studies:
             lines.append(_row_line(job, row))
-        lines.extend(_study_line(job, row, s) for s in row_studies)
+        lines.extend(_study_line(job, row, s, show_identity) for s in row_studies)
     return lines
 
 
@@ -44,8 +48,11 @@ def _row_line(job: Job, row: RowRecord) -> ReportLine:
     return ReportLine(line=row.line, status=status, reason=reason, project=job.project)
 
 
-def _study_line(job: Job, row: RowRecord, study: StudyRecord) -> ReportLine:
+def _study_line(job: Job, row: RowRecord, study: StudyRecord, show_identity: bool) -> ReportLine:
     info = study.info
+    subject = study.subject or ""
+    if subject and not show_identity and "PatientName" not in row.relabel:
+        subject = HIDDEN_SUBJECT  # without relabeling, XNAT's subject label IS the patient name
     if job.mode.value == "preview":
         status, reason = "matched", "preview: nothing retrieved"
     else:
@@ -66,7 +73,7 @@ def _study_line(job: Job, row: RowRecord, study: StudyRecord) -> ReportLine:
         instances_received=study.received,
         instances_uploaded=study.uploaded,
         project=study.xnat_project or job.project,
-        subject=study.subject or "",
+        subject=subject,
         session=study.session or "",
         prearchive_url=study.prearchive_url or "",
         study_uid_hash=phi_hash(study.study_uid),
@@ -80,7 +87,7 @@ def render_report(store: JobStore, job_id: str, *, show_identity: bool) -> tuple
     job = store.get_job(job_id)
     if job is None:
         raise KeyError(job_id)
-    lines = report_lines(store, job)
+    lines = report_lines(store, job, show_identity=show_identity)
     progress = store.job_progress(job_id)
     info = {**job.to_json(), "rows": dict(progress.rows), "studies": dict(progress.studies)}
     return (render_csv(lines, show_identity=show_identity),

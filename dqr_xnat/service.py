@@ -23,8 +23,14 @@ from dqr_xnat.adapters.xnat import XnatClient
 from dqr_xnat.config import Config, ProjectConfig
 from dqr_xnat.errors import DqrError, XnatError
 from dqr_xnat.model import JobMode, JobState, ParsedCsv, RetrieveMethod
+from dqr_xnat.audit import NullAuditLog, open_audit_log
 from dqr_xnat.metrics import Metrics, MetricsServer, state_families
 from dqr_xnat.pipeline import JobRun, Pipeline, Progress
+from dqr_xnat.project_settings import (
+    SETTINGS_PROBLEMS_FILE,
+    load_effective_settings,
+    render_settings_problems,
+)
 from dqr_xnat.reporting import render_report
 from dqr_xnat.stages import schedule
 from dqr_xnat.stages.csv_parse import parse_csv
@@ -60,15 +66,17 @@ class Service:
     ) -> None:
         self.config = config
         self.store = store or JobStore.in_state_dir(config.state_dir)
-        self.xnat = xnat or XnatClient(config.xnat)
+        self.xnat = xnat or XnatClient(config.xnat, auto_renew=True)
         self.clock = clock
         self.receiver: StorageSCP | None = None
         self.metrics = Metrics()
         self.metrics.add_state_collector(lambda: state_families(self.store, self._open_associations))
         self.metrics_server: MetricsServer | None = None
+        self.audit: NullAuditLog = NullAuditLog()
         self.pipeline = Pipeline(config, self.store, self.xnat, on_report=self.publish_report,
                                  progress=progress, metrics=self.metrics)
         self._local_reports: dict[str, Path] = {}
+        self._settings_notes: dict[str, str] = {}  # project -> last settings.problems.txt sent
         self._stop = threading.Event()
 
     # ------------------------------------------------------------------ lifecycle
@@ -83,6 +91,8 @@ class Service:
     def start(self) -> None:
         """Connect to XNAT, resume what a crash left behind, start the receiver if needed."""
         self.xnat.connect()
+        self.audit = open_audit_log(self.config, actor=f"xnat:{self.xnat.logged_in_user}")
+        self.pipeline.audit = self.audit
         reset = self.store.reset_interrupted()
         if reset:
             log.warning("resuming %d studies left unfinished by a stopped process", len(reset))
@@ -140,14 +150,43 @@ class Service:
                 log.warning("cannot list XNAT projects for discovery: %s", exc)
         return names
 
+    def settings_for(self, project: str) -> ProjectConfig | None:
+        """The admin's settings for ``project``, narrowed by the owners' XNAT config entry.
+
+        Problems in the entry are written to the project's report resource as
+        ``settings.problems.txt`` (removed once the entry is clean), so owners see them in XNAT.
+        Raises XnatError when the entry cannot be read: never fall back to wider settings.
+        """
+        admin = self.config.project(project)
+        if admin is None:
+            return None
+        settings, problems = load_effective_settings(self.xnat, admin)
+        note = render_settings_problems(project, problems, settings) if problems else ""
+        if self._settings_notes.get(project) != note:
+            resource = self.config.service.report_resource
+            try:
+                if note:
+                    self.xnat.upload_file(project, resource, SETTINGS_PROBLEMS_FILE, note.encode(),
+                                          overwrite=True)
+                else:  # clean now (or first look since start): remove an outdated note
+                    self.xnat.delete_file(project, resource, SETTINGS_PROBLEMS_FILE)
+                self._settings_notes[project] = note
+            except XnatError as exc:
+                log.warning("project %s: cannot write %s: %s", project, SETTINGS_PROBLEMS_FILE, exc)
+        return settings
+
     def poll(self) -> list[Job]:
         """One look at every served project's inbox; returns the jobs it created."""
         created: list[Job] = []
+        try:
+            self.xnat.maybe_renew()
+        except XnatError as exc:
+            log.warning("XNAT token renewal failed (will retry): %s", exc)
         for project in self.projects():
-            settings = self.config.project(project)
-            if settings is None:
-                continue
             try:
+                settings = self.settings_for(project)
+                if settings is None:
+                    continue
                 created += self._poll_project(project, settings)
             except XnatError as exc:
                 log.warning("project %s: cannot read the inbox resource %s: %s", project,
@@ -178,6 +217,7 @@ class Service:
             if not job.state.final and not job.cancel_requested:
                 log.info("job %s: cancel requested from XNAT (%s.cancel)", job.id, target)
                 self.store.request_cancel(job.id)
+                self.audit.cancel_requested(job.id, by=f"xnat-file:{target}.cancel")
                 self.publish_report(job.id, True)
 
     def _take_csv(self, project: str, settings: ProjectConfig, path: str, size: int, request) -> Job | None:
@@ -198,6 +238,7 @@ class Service:
             return None
         log.info("job %s: new %s job for %s/%s in project %s (PACS %s)", job.id, job.mode.value,
                  inbox, path, project, pacs)
+        self.audit.job_started(job.id, project=project, file=f"{inbox}/{path}", pacs=pacs, mode=job.mode)
         if size > limit:
             self._reject(job, f"the file is {size / 1048576:.1f} MB; the limit is "
                          f"{self.config.service.max_csv_mb:g} MB. Split it into smaller files")
@@ -221,6 +262,7 @@ class Service:
 
     def _reject(self, job: Job, message: str) -> None:
         self.store.set_job_state(job.id, JobState.FAILED, message)
+        self.audit.failure(job.id, kind="rejected", message=message)
         self.publish_report(job.id, True)
 
     # ------------------------------------------------------------------ running jobs
@@ -241,7 +283,12 @@ class Service:
     def run_job(self, job_id: str) -> JobState:
         job = self.store.get_job(job_id)
         assert job is not None
-        settings = self.config.project(job.project)
+        try:
+            settings = self.settings_for(job.project)
+        except XnatError as exc:
+            message = f"cannot read project {job.project}'s dqr-xnat settings in XNAT ({exc}); will retry"
+            self.store.set_job_state(job_id, JobState.WAITING, message)
+            return JobState.WAITING
         pacs = self.config.pacs.get(job.pacs)
         if settings is None or pacs is None or job.pacs not in settings.pacs:
             message = (f"project {job.project} may no longer use PACS '{job.pacs}' "
@@ -281,7 +328,10 @@ class Service:
         job = self.store.get_job(job_id)
         if job is None:
             return
-        settings = self.config.project(job.project)
+        try:
+            settings = self.settings_for(job.project)
+        except XnatError:
+            settings = None  # cannot tell whether owners narrowed it: show no identity
         show = bool(settings and settings.report_patient_identity)
         csv_text, json_text = render_report(self.store, job_id, show_identity=show)
         target = self.target(job)
@@ -336,7 +386,7 @@ class Service:
                      mode: JobMode = JobMode.IMPORT, reimport: bool = False,
                      report_base: Path | None = None) -> Job:
         """The whole path for a local CSV (``dqr-xnat import``); the report is written locally."""
-        settings = self.config.project(project)
+        settings = self.settings_for(project)
         if settings is None:
             raise DqrError(f"project {project} is not in the configuration; ask the admins to add it")
         chosen = pacs or settings.default_pacs
@@ -349,6 +399,7 @@ class Service:
         job = self.store.create_job(project=project, resource=LOCAL_RESOURCE, path=str(csv_path),
                                     digest=digest, mode=mode, pacs=chosen, reimport=reimport)
         assert job is not None
+        self.audit.job_started(job.id, project=project, file=str(csv_path), pacs=chosen, mode=mode)
         base = report_base or csv_path.with_suffix("")
         self._local_reports[job.id] = Path(base)
         self.admit(job, parse_csv(data, str(csv_path), max_rows=settings.max_rows))

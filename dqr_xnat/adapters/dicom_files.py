@@ -39,6 +39,7 @@ STUDY_VALUE_KEYWORDS: tuple[str, ...] = (
     "PatientBirthDate",
     "Modality",
     "SeriesInstanceUID",
+    "SeriesDescription",
     "SOPInstanceUID",
 )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from dqr_xnat.adapters.store import JobStore
+from dqr_xnat.audit import default_actor, open_audit_log
 from dqr_xnat.config import load_config
 
 
@@ -22,5 +23,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"job {job.id} already ended ({job.state.value}); nothing to cancel")
             return 0
         store.request_cancel(job.id)
+        open_audit_log(config).cancel_requested(job.id, by=f"cli:{default_actor()}")
         print(f"job {job.id}: cancel requested; the service stops it at the next step")
     return 0

@@ -12,6 +12,7 @@ import pydicom
 import pytest
 
 from dqr_xnat.model import JobState
+from dqr_xnat.reporting import HIDDEN_SUBJECT
 from dqr_xnat.service import Service
 from dqr_xnat.stages.labels import make_labels
 from dqr_xnat.sandbox.testdata import find
@@ -75,7 +76,8 @@ def test_import_lands_relabeled_studies_with_dqr_labels(
     for line, (study, subject, session, plan) in expected.items():
         entry = lines[line]
         assert entry["status"] == "imported", entry
-        assert (entry["subject"], entry["session"]) == (subject, session)
+        shown = subject if "PatientName" in plan else HIDDEN_SUBJECT  # the label IS the patient name
+        assert (entry["subject"], entry["session"]) == (shown, session)
         assert entry["instances_expected"] == entry["instances_received"] == entry["instances_uploaded"] \
             == study.instances
         record = landed[session]
@@ -98,7 +100,8 @@ def test_seed_examples_run_to_final_states(qrscp, xnat_emulator, pacs_receiver_p
     lines = {entry["line"]: entry for entry in report["lines"]}
     assert lines[2]["status"] == "no-match"
     # -19991231 with no name criterion: only doe^lower's study of 19991231 (no relabel columns).
-    assert (lines[3]["status"], lines[3]["subject"], lines[3]["session"]) == ("imported", "doe_lower", "ACC0301")
+    assert (lines[3]["status"], lines[3]["subject"], lines[3]["session"]) == ("imported", HIDDEN_SUBJECT, "ACC0301")
+    assert [s.subject for s in xnat_emulator.prearchive_sessions(XNAT_PROJECT)] == ["doe_lower"]
     assert job.state is JobState.DONE
     for name in ("accession-subject-session.csv", "modality-date.csv"):
         (tmp_path / name).mkdir()
@@ -124,3 +127,26 @@ def test_unknown_or_unwritable_project_fails_before_anything_is_sent(
                 service.import_local(project, csv_path)
             assert project in str(info.value)
     assert not any(r.path.endswith("/services/import") for r in xnat_emulator.requests)
+
+
+@pytest.mark.parametrize("kind", ["orthanc", "dcmqrscp", "qrscp"])
+def test_series_filter_drops_dose_reports_on_every_pacs(
+    request, kind, xnat_emulator, pacs_receiver_port, tmp_path
+):
+    """dcmqrscp and qrscp return no SeriesDescription: the rule is then applied to the DICOM itself."""
+    pacs = request.getfixturevalue(kind)
+    projects = {XNAT_PROJECT: {"pacs": [kind], "series": {"exclude": ["dose report"]}}}
+    config = load(write_config(tmp_path, pacs, xnat_emulator, pacs_receiver_port, projects=projects))
+    csv_path = tmp_path / "batch.csv"
+    csv_path.write_text("Accession Number,Subject,Session\nACC0101,S1,S1_CT\nACC0201,S2,S2_PET\n"
+                        "ACC0301,S3,S3_CT\n")
+    with Service(config) as service:
+        job = service.import_local(XNAT_PROJECT, csv_path)
+    assert job.state is JobState.DONE, job.message
+    landed = {s.folder: s for s in xnat_emulator.prearchive_sessions(XNAT_PROJECT)}
+    assert {k: len(v.files) for k, v in landed.items()} == {"S1_CT": 32, "S2_PET": 40, "S3_CT": 25}
+    for record in landed.values():
+        for path in record.files:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            assert ds.get("SeriesDescription", "") != "Dose Report"
+            assert ds.Modality not in ("SR", "OT")

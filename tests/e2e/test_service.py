@@ -240,3 +240,27 @@ def test_two_thousand_rows_stream_through_and_the_report_updates_while_running(
     report_writes = [r for r in xnat_emulator.requests
                      if r.method in ("PUT", "POST") and r.path.endswith("big.report.json")]
     assert len(report_writes) >= 3, "the report must be rewritten while the job runs"
+
+
+def test_project_owners_narrow_settings_in_xnat_and_see_their_mistakes(
+    qrscp, xnat_emulator, pacs_receiver_port, tmp_path
+):
+    config = load(write_config(tmp_path, qrscp, xnat_emulator, pacs_receiver_port,
+                               projects={XNAT_PROJECT: {"pacs": ["qrscp"], "max_studies": 10,
+                                                        "multiple_matches": "suffix"}}))
+    xnat_emulator.set_config(XNAT_PROJECT, "dqr-xnat", "settings",
+                             "max_studies: 2\nmax_rows: 99999\nmultiple_matchs: ambiguous\n")
+    xnat_emulator.put_resource_file(XNAT_PROJECT, INBOX, "batch.csv", CSV.encode())
+    with Service(config) as service:
+        results = service.serve(once=True)
+    assert list(results.values()) == [JobState.FAILED]
+    rows = _report_csv(xnat_emulator, "batch.report.csv")
+    assert [r["status"] for r in rows] == ["imported", "imported", "error"]
+    assert "limit of 2 studies" in rows[2]["reason"]  # the owner's narrower limit applies
+    note = xnat_emulator.read_resource_file(XNAT_PROJECT, REPORTS, "settings.problems.txt").decode()
+    assert "max_rows" in note and "did you mean 'multiple_matches'" in note
+
+    xnat_emulator.set_config(XNAT_PROJECT, "dqr-xnat", "settings", "max_studies: 2\n")
+    with Service(config) as service:
+        service.poll()
+    assert "settings.problems.txt" not in xnat_emulator.resource_files(XNAT_PROJECT, REPORTS)
