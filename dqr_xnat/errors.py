@@ -85,3 +85,7 @@ class StoreError(DqrError):
 
 class CancelledError(DqrError):
     """The job was cancelled by the user or operator."""
+
+
+class StopRequested(CancelledError):
+    """The service is stopping (SIGTERM): work stops between steps and resumes at the next start."""

@@ -37,6 +37,7 @@ from dqr_xnat.adapters.xnat import XnatClient
 from dqr_xnat.config import Config, PacsConfig, ProjectConfig
 from dqr_xnat.errors import (
     CancelledError,
+    StopRequested,
     DqrError,
     LabelError,
     PacsError,
@@ -124,6 +125,7 @@ class Pipeline:
         self.progress = progress or Progress()
         self.metrics = metrics or Metrics()
         self.audit = audit or NullAuditLog()
+        self.stopping = threading.Event()  # set on SIGTERM: stop between steps, resume later
         self.staging_root = Path(config.state_dir) / "staging"
         self._report_lock = threading.Lock()
         self._last_report = 0.0
@@ -147,6 +149,11 @@ class Pipeline:
                     for study_id in self._resumable_studies(run.job_id):
                         pools.submit(study_id)
                     self._query_and_decide(run, submit=pools.submit)
+        except StopRequested:
+            message = "interrupted by a service stop; it resumes when the service starts again"
+            self.store.set_job_state(run.job_id, JobState.RUNNING, message)
+            self._report(run.job_id, final=True)
+            return JobState.RUNNING
         except CancelledError:
             self._cancel_rest(run.job_id)
         state = self.store.derive_job_state(run.job_id)
@@ -483,6 +490,8 @@ class Pipeline:
         return self.staging_root / job_id / phi_hash(study_uid, 16)
 
     def _check_cancel(self, job_id: str) -> None:
+        if self.stopping.is_set():
+            raise StopRequested(f"job {job_id}: the service is stopping")
         if self.store.is_cancel_requested(job_id):
             raise CancelledError(f"job {job_id} was cancelled")
 
@@ -517,7 +526,7 @@ class _StudyPools:
             max(1, pipeline.config.service.workers), thread_name_prefix="process")
         self.futures: list[Future[None]] = []
         self.lock = threading.Lock()
-        self.cancelled = False
+        self.interrupt: CancelledError | None = None  # the first cancel or stop seen by a worker
 
     def submit(self, study_id: int) -> None:
         with self.lock:
@@ -531,8 +540,8 @@ class _StudyPools:
                 if record.state is not StudyState.PENDING:
                     return  # final (failed, skipped, cancelled)
                 _wait_until(record.retry_after)
-        except CancelledError:
-            self.cancelled = True
+        except CancelledError as exc:
+            self.interrupt = self.interrupt or exc
             return
         with self.lock:
             self.futures.append(self.process_pool.submit(self._process, study_id))
@@ -541,8 +550,8 @@ class _StudyPools:
         store = self.pipeline.store
         try:
             self.pipeline.process_study(self.run, study_id)
-        except CancelledError:
-            self.cancelled = True
+        except CancelledError as exc:
+            self.interrupt = self.interrupt or exc
             return
         record = store.get_study(study_id)
         if record.state is StudyState.PENDING:  # retriable failure after the retrieval: go again
@@ -567,8 +576,8 @@ class _StudyPools:
                 future.result()
         self.retrieve_pool.shutdown()
         self.process_pool.shutdown()
-        if self.cancelled:
-            raise CancelledError(f"job {self.run.job_id} was cancelled")
+        if self.interrupt is not None:
+            raise self.interrupt
 
 
 def _safe_query(client: PacsClient, row: CsvRow, project: ProjectConfig) -> RowCandidates | DqrError:

@@ -108,6 +108,12 @@ class Service:
             log.info("metrics and health on http://%s:%d/metrics and /health",
                      self.config.service.metrics_host, self.metrics_server.port)
 
+    def request_stop(self) -> None:
+        """Stop soon (SIGTERM): running jobs stop between steps and resume at the next start."""
+        log.warning("stopping: unfinished jobs resume when the service starts again")
+        self._stop.set()
+        self.pipeline.stopping.set()
+
     def close(self) -> None:
         self._stop.set()
         if self.metrics_server is not None:
@@ -304,9 +310,9 @@ class Service:
                                      f"waiting for PACS '{pacs.name}' availability window (next: {when})")
             self.publish_report(job_id, True)
             return JobState.WAITING
-        rows = [r.csv_row() for r in self.store.rows(job_id) if r.status is None or True]
-        run = JobRun(job_id=job_id, project=settings, pacs=pacs,
-                     rows=[r for r in rows], mode=job.mode, reimport=job.reimport)
+        rows = [r.csv_row() for r in self.store.rows(job_id)]
+        run = JobRun(job_id=job_id, project=settings, pacs=pacs, rows=rows, mode=job.mode,
+                     reimport=job.reimport)
         try:
             return self.pipeline.run(run)
         except DqrError as exc:
@@ -361,7 +367,7 @@ class Service:
                 if job.state.final:  # rejected or cancelled while being taken in
                     results[job.id] = job.state
             results.update(self.run_pending())
-            if once or self._stop.wait(self.config.service.poll_interval):
+            if once or self._stop.is_set() or self._stop.wait(self.config.service.poll_interval):
                 return results
 
     def _watch_cancels(self) -> None:

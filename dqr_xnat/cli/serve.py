@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     with Service(config) as service:
-        signal.signal(signal.SIGTERM, lambda *_: service.close())
+        signal.signal(signal.SIGTERM, lambda *_: service.request_stop())
         results = service.serve(once=args.once)
     if args.once:
         print(json.dumps({job: state.value for job, state in results.items()}))

@@ -264,3 +264,38 @@ def test_project_owners_narrow_settings_in_xnat_and_see_their_mistakes(
     with Service(config) as service:
         service.poll()
     assert "settings.problems.txt" not in xnat_emulator.resource_files(XNAT_PROJECT, REPORTS)
+
+
+def test_sigterm_stops_between_steps_and_the_job_resumes(
+    orthanc, xnat_emulator, pacs_receiver_port, tmp_path
+):
+    config_path = write_config(tmp_path, orthanc, xnat_emulator, pacs_receiver_port,
+                               service={"workers": 1})
+    xnat_emulator.put_resource_file(XNAT_PROJECT, INBOX, "batch.csv", CSV.encode())
+    xnat_emulator.inject("POST", r"/services/import", status=None, times=None, delay=1.5)
+    command = [sys.executable, "-m", "dqr_xnat", "--config", str(config_path), "serve"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    store_path = tmp_path / "state" / "jobs.sqlite3"
+    deadline = time.monotonic() + 120
+    while not _uploading_with_one_done(store_path):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert "resume" in err
+    with JobStore(store_path) as store:
+        job = store.list_jobs()[0]
+        assert job.state is JobState.RUNNING and not job.cancel_requested
+        states = [s.state for s in store.studies(job.id)]
+    assert StudyState.CANCELED not in states and StudyState.FAILED not in states
+    assert states.count(StudyState.DONE) == 2  # the upload in flight finished before stopping
+
+    xnat_emulator.clear_faults()
+    rerun = subprocess.run(command + ["--once"], capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    report = _report(xnat_emulator, "batch.report.json")
+    assert [line["status"] for line in report["lines"]] == ["imported"] * 3
+    sessions = [r.query.get("session") for r in _imports(xnat_emulator) if r.status == 200]
+    assert sorted(sessions) == ["Subj001_CT1", "Subj002_PET1", "Subj003_CT1"]
