@@ -45,7 +45,12 @@ class RequestRecord(NamedTuple):
 
 @dataclass
 class Fault:
-    """An injected answer: ``status`` (None = answer normally) after ``delay`` seconds, ``times`` times."""
+    """An injected answer: ``status`` (None = answer normally) after ``delay`` seconds, ``times`` times.
+
+    ``delay_after`` holds a normal answer back for that long *after* the request was processed (the
+    work is done and logged, the client waits): e.g. a client killed between XNAT storing a study
+    and the client learning it did.
+    """
 
     method: str
     pattern: re.Pattern[str]
@@ -53,6 +58,7 @@ class Fault:
     times: int | None  # None = every time
     delay: float
     hits: int = 0
+    delay_after: float = 0.0
 
     def matches(self, method: str, path: str) -> bool:
         return (self.method in ("*", method)) and self.pattern.search(path) is not None \
@@ -216,13 +222,15 @@ class XnatEmulator:
     # ------------------------------------------------------------------ faults and the request log
 
     def inject(self, method: str, path_regex: str, status: int | None = 500, times: int | None = 1,
-               delay: float = 0.0) -> Fault:
+               delay: float = 0.0, *, delay_after: float = 0.0) -> Fault:
         """Answer the next ``times`` matching requests with ``status`` after ``delay`` seconds.
 
         ``method`` may be ``*``; ``path_regex`` is searched in the path as sent; ``status=None``
-        only delays; ``times=None`` applies forever (until :meth:`clear_faults`).
+        only delays; ``times=None`` applies forever (until :meth:`clear_faults`). ``delay_after``
+        (with ``status=None``) processes and logs the request at once but sends the answer that
+        many seconds later.
         """
-        fault = Fault(method.upper(), re.compile(path_regex), status, times, delay)
+        fault = Fault(method.upper(), re.compile(path_regex), status, times, delay, delay_after=delay_after)
         with self._lock:
             self._faults.append(fault)
         return fault
@@ -307,14 +315,16 @@ class XnatEmulator:
     # ------------------------------------------------------------------ dispatch
 
     def _handle(self, req: Request) -> Response:
-        response = self._answer(req)
+        fault = self._take_fault(req)
+        response = self._answer(req, fault)
         with self._lock:
             self._log.append(RequestRecord(req.method, req.raw_path, dict(req.query), response.status))
         log.debug("%s %s -> %d", req.method, _route_name(req.path), response.status)
+        if fault is not None and fault.delay_after:
+            time.sleep(fault.delay_after)  # done and logged; only the answer is late
         return response
 
-    def _answer(self, req: Request) -> Response:
-        fault = self._take_fault(req)
+    def _answer(self, req: Request, fault: Fault | None) -> Response:
         if fault is not None:
             if fault.delay:
                 time.sleep(fault.delay)
