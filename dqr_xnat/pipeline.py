@@ -60,7 +60,7 @@ from dqr_xnat.model import (
 )
 from dqr_xnat.querying import SERIES_DESCRIPTION, RowCandidates, query_row
 from dqr_xnat.stages import labels as label_stage
-from dqr_xnat.stages import verify
+from dqr_xnat.stages import schedule, verify
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,7 @@ class Pipeline:
         progress: Progress | None = None,
         metrics: Metrics | None = None,
         audit: NullAuditLog | None = None,
+        clock: Callable[[], datetime] = datetime.now,
     ) -> None:
         self.config = config
         self.store = store
@@ -126,6 +127,7 @@ class Pipeline:
         self.metrics = metrics or Metrics()
         self.audit = audit or NullAuditLog()
         self.stopping = threading.Event()  # set on SIGTERM: stop between steps, resume later
+        self.clock = clock
         self.staging_root = Path(config.state_dir) / "staging"
         self._report_lock = threading.Lock()
         self._last_report = 0.0
@@ -149,6 +151,11 @@ class Pipeline:
                     for study_id in self._resumable_studies(run.job_id):
                         pools.submit(study_id)
                     self._query_and_decide(run, submit=pools.submit)
+        except WindowClosed as exc:
+            message = f"{exc}; the job continues when the PACS is available again"
+            self.store.set_job_state(run.job_id, JobState.WAITING, message)
+            self._report(run.job_id, final=True)
+            return JobState.WAITING
         except StopRequested:
             message = "interrupted by a service stop; it resumes when the service starts again"
             self.store.set_job_state(run.job_id, JobState.RUNNING, message)
@@ -170,7 +177,7 @@ class Pipeline:
         pending = [r for r in run.rows if self.store.row_status(run.job_id, r.line) is None]
         claimed = self.store.claimed_studies(run.job_id)  # study_uid -> line, from earlier runs
         client = self.client(run.pacs)
-        workers = max(1, run.pacs.max_associations)
+        workers = self._concurrency(run)
         with ThreadPoolExecutor(workers, thread_name_prefix=f"query-{run.pacs.name}") as pool:
             futures = [(row, pool.submit(self._query, client, row, run)) for row in pending]
             for row, future in futures:
@@ -181,9 +188,24 @@ class Pipeline:
                 self.progress.add(rows_done=1)
                 self._report(run.job_id)
 
+    def _concurrency(self, run: JobRun) -> int:
+        """Associations this job may use now: the PACS limit, narrowed by its availability window."""
+        return max(1, schedule.allowed_associations(run.pacs, self.clock()))
+
+    def _pace(self, run: JobRun, started: float) -> None:
+        """Keep to the PACS window: stop when it closes; honour its utilisation percentage."""
+        now = self.clock()
+        if not schedule.is_available(run.pacs, now):
+            raise WindowClosed(f"PACS '{run.pacs.name}' availability window closed")
+        pause = schedule.utilisation_pause(run.pacs, now, time.monotonic() - started)
+        if pause > 0:
+            time.sleep(pause)
+
     def _query(self, client: PacsClient, row: CsvRow, run: JobRun) -> RowCandidates | DqrError:
+        started = time.monotonic()
         with self.metrics.timed(run.pacs.name, "query"):
             outcome = _safe_query(client, row, run.project)
+        self._pace(run, started)
         if isinstance(outcome, DqrError):
             self.metrics.failed("query", outcome)
         return outcome
@@ -265,6 +287,7 @@ class Pipeline:
         shutil.rmtree(raw, ignore_errors=True)
         raw.mkdir(parents=True)
         record = self.store.set_study_state(record.id, StudyState.RETRIEVING, staging_dir=str(staging))
+        started = time.monotonic()
         try:
             with self.metrics.timed(run.pacs.name, run.pacs.retrieve.value):
                 result = self.client(run.pacs).retrieve(
@@ -280,14 +303,15 @@ class Pipeline:
             return False
         self.metrics.moved("retrieved", run.pacs.name, result.received,
                            sum(f.stat().st_size for f in result.files))
+        record = self.store.set_study_state(
+            record.id, StudyState.RETRIEVED, received=result.received,
+            expected=record.expected if record.expected is not None else result.expected)
         log.info("job %s line %d: study %s retrieved, %d of %s instances", run.job_id, record.line,
                  phi_hash(record.study_uid), result.received, record.expected or result.expected)
         self.audit.study_retrieved(run.job_id, line=record.line, study_uid=record.study_uid,
                                    counts={"expected": record.expected or 0, "received": result.received,
                                            "failed": result.failed})
-        self.store.set_study_state(
-            record.id, StudyState.RETRIEVED, received=result.received,
-            expected=record.expected if record.expected is not None else result.expected)
+        self._pace(run, started)
         return True
 
     def _landed_before(self, run: JobRun, row: CsvRow, record: StudyRecord) -> bool:
@@ -514,6 +538,10 @@ class Pipeline:
         self.on_report(job_id, final)
 
 
+class WindowClosed(StopRequested):
+    """The PACS's availability window closed mid-job: stop between steps; the job WAITs."""
+
+
 class _StudyPools:
     """Two pools: retrieval (bounded by the PACS limit) feeding processing (relabel + upload)."""
 
@@ -521,7 +549,7 @@ class _StudyPools:
         self.pipeline = pipeline
         self.run = run
         self.retrieve_pool = ThreadPoolExecutor(
-            max(1, run.pacs.max_associations), thread_name_prefix="retrieve")
+            pipeline._concurrency(run), thread_name_prefix="retrieve")
         self.process_pool = ThreadPoolExecutor(
             max(1, pipeline.config.service.workers), thread_name_prefix="process")
         self.futures: list[Future[None]] = []

@@ -74,7 +74,7 @@ class Service:
         self.metrics_server: MetricsServer | None = None
         self.audit: NullAuditLog = NullAuditLog()
         self.pipeline = Pipeline(config, self.store, self.xnat, on_report=self.publish_report,
-                                 progress=progress, metrics=self.metrics)
+                                 progress=progress, metrics=self.metrics, clock=clock)
         self._local_reports: dict[str, Path] = {}
         self._settings_notes: dict[str, str] = {}  # project -> last settings.problems.txt sent
         self._stop = threading.Event()

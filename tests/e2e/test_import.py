@@ -15,7 +15,7 @@ from dqr_xnat.model import JobState
 from dqr_xnat.reporting import HIDDEN_SUBJECT
 from dqr_xnat.service import Service
 from dqr_xnat.stages.labels import make_labels
-from dqr_xnat.sandbox.testdata import find
+from dqr_xnat.sandbox.testdata import default_catalog, find
 from tests.e2e.helpers import assert_relabeled_copy, load, source_by_sop, write_config
 from tests.fixtures.xnat import XNAT_PROJECT
 
@@ -150,3 +150,26 @@ def test_series_filter_drops_dose_reports_on_every_pacs(
             ds = pydicom.dcmread(path, stop_before_pixels=True)
             assert ds.get("SeriesDescription", "") != "Dose Report"
             assert ds.Modality not in ("SR", "OT")
+
+
+def test_several_studies_with_one_session_label_are_ambiguous_or_suffixed_by_policy(
+    orthanc, xnat_emulator, pacs_receiver_port, tmp_path
+):
+    csv_text = "Patient ID,Subject,Session\nPID0001,Subj001,Subj001_V\n"
+    job, report = _run_import(tmp_path, orthanc, xnat_emulator, pacs_receiver_port, csv_text)
+    assert [(e["status"], e["line"]) for e in report["lines"]] == [("ambiguous", 2)]
+    assert "2 studies" in report["lines"][0]["reason"]
+    assert job.state is JobState.FAILED and not xnat_emulator.prearchive_sessions(XNAT_PROJECT)
+
+    projects = {XNAT_PROJECT: {"pacs": ["orthanc"], "multiple_matches": "suffix"}}
+    (tmp_path / "x").mkdir()
+    config = load(write_config(tmp_path / "x", orthanc, xnat_emulator, pacs_receiver_port, projects=projects))
+    csv_path = tmp_path / "x" / "batch.csv"
+    csv_path.write_text(csv_text)
+    with Service(config) as service:
+        job = service.import_local(XNAT_PROJECT, csv_path)
+    assert job.state is JobState.DONE
+    landed = {s.folder: s.study_instance_uid for s in xnat_emulator.prearchive_sessions(XNAT_PROJECT)}
+    by_date = {s.study_date: s.study_uid for s in find(default_catalog(), patient_id="PID0001")}
+    # _1, _2 in study date order (20230110 CT, then 20230211 MR)
+    assert landed == {"Subj001_V_1": by_date["20230110"], "Subj001_V_2": by_date["20230211"]}

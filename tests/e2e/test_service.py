@@ -299,3 +299,40 @@ def test_sigterm_stops_between_steps_and_the_job_resumes(
     assert [line["status"] for line in report["lines"]] == ["imported"] * 3
     sessions = [r.query.get("session") for r in _imports(xnat_emulator) if r.status == 200]
     assert sorted(sessions) == ["Subj001_CT1", "Subj002_PET1", "Subj003_CT1"]
+
+
+def test_availability_window_holds_jobs_and_stops_them_when_it_closes(
+    orthanc, xnat_emulator, pacs_receiver_port, tmp_path
+):
+    from datetime import datetime
+
+    window = {"days": ["fri"], "from": "22:00", "to": "06:00", "concurrency": 1}
+    config = load(write_config(tmp_path, orthanc, xnat_emulator, pacs_receiver_port,
+                               pacs_extra={"availability": [window]}))
+    friday_noon, friday_night = datetime(2026, 12, 4, 12, 0), datetime(2026, 12, 4, 23, 0)
+    xnat_emulator.put_resource_file(XNAT_PROJECT, INBOX, "batch.csv", CSV.encode())
+
+    with Service(config, clock=lambda: friday_noon) as service:
+        assert list(service.serve(once=True).values()) == [JobState.WAITING]
+    assert "availability window (next: Fri 22:00)" in _report(xnat_emulator, "batch.report.json")["job"]["message"]
+    assert not _imports(xnat_emulator)
+
+    # Open at first; the window closes once the first study is in.
+    now = [friday_night]
+    with Service(config, clock=lambda: now[0]) as service:
+        real_retrieve = service.pipeline.retrieve_study
+
+        def retrieve_then_close(run, study_id):
+            done = real_retrieve(run, study_id)
+            now[0] = friday_noon
+            return done
+
+        service.pipeline.retrieve_study = retrieve_then_close
+        assert list(service.serve(once=True).values()) == [JobState.WAITING]
+    report = _report(xnat_emulator, "batch.report.json")
+    assert "window closed" in report["job"]["message"]
+    assert [line["status"] for line in report["lines"]].count("imported") <= 1
+
+    with Service(config, clock=lambda: friday_night) as service:
+        assert list(service.serve(once=True).values()) == [JobState.DONE]
+    assert len([r for r in _imports(xnat_emulator) if r.status == 200]) == 3
