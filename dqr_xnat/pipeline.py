@@ -12,7 +12,7 @@ Resume rules (per study state in the store):
 * PENDING / RETRIEVING → retrieve again into a clean staging directory (files are keyed by
   SOPInstanceUID, so nothing is duplicated);
 * RETRIEVED → verify, relabel, upload;
-* RELABELED → upload;
+* RELABELED → upload (after a failed try, e.g. a timeout, first look in the prearchive as below);
 * UPLOADING → first ask XNAT whether the study already landed in the project's prearchive
   (same StudyInstanceUID, same session label); only if not, upload again;
 * DONE / SKIPPED / FAILED / CANCELED → nothing.
@@ -20,6 +20,7 @@ Resume rules (per study state in the store):
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
 import threading
@@ -66,6 +67,8 @@ log = logging.getLogger(__name__)
 
 #: How often (seconds) the report is rewritten while a job runs.
 REPORT_INTERVAL = 2.0
+#: A retrieval that fails while the staging disk has less free space than this blames the disk.
+STAGING_FULL_BELOW = 1024 * 1024
 
 
 @dataclass
@@ -284,8 +287,12 @@ class Pipeline:
             return False
         staging = self._staging_dir(run.job_id, record.study_uid)
         raw = staging / "raw"
-        shutil.rmtree(raw, ignore_errors=True)
-        raw.mkdir(parents=True)
+        shutil.rmtree(staging, ignore_errors=True)  # what an earlier try left (out/, study.zip) too
+        try:
+            raw.mkdir(parents=True)
+        except OSError as exc:
+            self._fail_or_retry(run, record, StudyState.PENDING, self._disk_error(exc))
+            return False
         record = self.store.set_study_state(record.id, StudyState.RETRIEVING, staging_dir=str(staging))
         started = time.monotonic()
         try:
@@ -299,7 +306,7 @@ class Pipeline:
                 )
         except PacsError as exc:
             self.metrics.failed("retrieve", exc)
-            self._fail_or_retry(run, record, StudyState.PENDING, exc)
+            self._fail_or_retry(run, record, StudyState.PENDING, self._full_staging(exc) or exc)
             return False
         self.metrics.moved("retrieved", run.pacs.name, result.received,
                            sum(f.stat().st_size for f in result.files))
@@ -343,12 +350,18 @@ class Pipeline:
                     return
                 record = self.store.set_study_state(record.id, StudyState.RELABELED)
             if record.state is StudyState.RELABELED:
+                # After a failed try (e.g. an upload timeout) the study may have landed anyway.
+                unclear = "after an upload without a clear answer"
+                if record.attempts and self._already_landed(run, record, unclear):
+                    return
                 self._upload(run, record)
         except CancelledError:
             raise
         except VerificationError as exc:
             self._finish(record, StudyState.SKIPPED, str(exc))
-        except DqrError as exc:
+        except (DqrError, OSError) as exc:
+            if isinstance(exc, OSError):
+                exc = self._disk_error(exc)
             self.metrics.failed("process", exc)
             current = self.store.get_study(study_id)
             restart = (StudyState.RELABELED
@@ -438,11 +451,11 @@ class Pipeline:
         self.store.update_study(record.id, message=note)
         return kept
 
-    def _already_landed(self, run: JobRun, record: StudyRecord) -> bool:
+    def _already_landed(self, run: JobRun, record: StudyRecord, why: str = "after a restart") -> bool:
         """After a crash mid-upload: did the study reach the prearchive? Then never send it again."""
         for entry in self.xnat.find_prearchive(run.project.name, record.study_uid):
             if entry.session == record.session and entry.subject == record.subject:
-                self._finish(record, StudyState.DONE, "uploaded (confirmed in XNAT after a restart)",
+                self._finish(record, StudyState.DONE, f"uploaded (confirmed in XNAT {why})",
                              prearchive_url=entry.url, uploaded=record.received)
                 return True
         return False
@@ -461,8 +474,10 @@ class Pipeline:
         result = self.xnat.import_study(run.project.name, record.subject, record.session, zip_path)
         state, message = StudyState.DONE, "in the prearchive" + (f"; {record.message}" if record.message else "")
         if result.status.upper() == "CONFLICT":
-            message = ("in the prearchive, but XNAT marks it CONFLICT: a session with this label "
-                       "already exists in the project; resolve it in the prearchive")
+            message = (f"in the prearchive, but XNAT marks it CONFLICT: session label '{record.session}' "
+                       f"is already used in project {run.project.name} by another study. In the "
+                       "prearchive, archive it under another session label, or delete the session "
+                       "that should not be there")
         elif result.status.upper() == "ERROR":
             state = StudyState.FAILED
             message = "XNAT marks the prearchive session ERROR; see the prearchive for details"
@@ -492,7 +507,36 @@ class Pipeline:
         self.store.record_attempt(record.id, str(exc))
         self.audit.failure(run.job_id, kind=type(exc).__name__, message=str(exc), line=record.line,
                            study_uid=record.study_uid, phi=_study_phi(run, record))
-        self._finish(record, StudyState.FAILED, str(exc))
+        message = str(exc)
+        if isinstance(exc, RetriableError):
+            message = (f"failed {attempts} times; last error: {exc}. Once the cause is fixed, upload "
+                       "the CSV again, renamed or edited (studies already imported are skipped)")
+        self._finish(record, StudyState.FAILED, message)
+
+    def _disk_error(self, exc: OSError) -> DqrError:
+        """A write into the staging area failed: a study failure (retried if the disk is full)."""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return RetriableError(self._disk_full_message(exc.strerror or str(exc)))
+        return DqrError(f"cannot write the study's files under {self.staging_root}: "
+                        f"{exc.strerror or exc}; check that directory (state_dir)")
+
+    def _full_staging(self, exc: PacsError) -> RetriableError | None:
+        """A failed retrieval into a (nearly) full staging disk is reported as a full disk.
+
+        The receiver may not even see the error: pynetdicom writes incoming data itself, and on
+        ENOSPC aborts the association, which the PACS reports as a failed sub-operation.
+        """
+        try:
+            free = shutil.disk_usage(self.staging_root).free
+        except OSError:
+            return None
+        if free >= STAGING_FULL_BELOW:
+            return None
+        return RetriableError(self._disk_full_message(f"{free // 1024} kB free; {exc}"))
+
+    def _disk_full_message(self, detail: str) -> str:
+        return (f"disk full: no space left in the staging directory {self.staging_root} ({detail}); "
+                "free space there, or give state_dir a larger disk")
 
     @property
     def max_attempts(self) -> int:

@@ -21,7 +21,7 @@ from dqr_xnat.adapters.pacs import PROCESS_LIMITER, StorageSCP
 from dqr_xnat.adapters.store import Job, JobStore
 from dqr_xnat.adapters.xnat import XnatClient
 from dqr_xnat.config import Config, ProjectConfig
-from dqr_xnat.errors import DqrError, XnatError
+from dqr_xnat.errors import DqrError, RetriableXnatError, XnatError
 from dqr_xnat.model import JobMode, JobState, ParsedCsv, RetrieveMethod
 from dqr_xnat.audit import NullAuditLog, open_audit_log
 from dqr_xnat.metrics import Metrics, MetricsServer, state_families
@@ -302,6 +302,9 @@ class Service:
             self.store.set_job_state(job_id, JobState.FAILED, message)
             self.publish_report(job_id, True)
             return JobState.FAILED
+        refused = self._refuse_unwritable(job)
+        if refused is not None:
+            return refused
         now = self.clock()
         if not schedule.is_available(pacs, now):
             opening = schedule.next_opening(pacs, now)
@@ -319,6 +322,24 @@ class Service:
             log.error("job %s failed: %s", job_id, exc)
             self.store.set_job_state(job_id, JobState.FAILED, str(exc))
             self.publish_report(job_id, True)
+            return JobState.FAILED
+
+    def _refuse_unwritable(self, job: Job) -> JobState | None:
+        """Fail a job before any query when its project cannot take uploads (nothing is pulled
+        from the PACS for nothing, nothing lands in Unassigned); None when the project is writable."""
+        try:
+            self.xnat.ensure_writable(job.project)
+            return None
+        except RetriableXnatError as exc:
+            message = f"cannot check the service's access to project {job.project} ({exc}); will retry"
+            self.store.set_job_state(job.id, JobState.WAITING, message)
+            return JobState.WAITING
+        except XnatError as exc:
+            message = (f"{exc}. Nothing was queried or retrieved; once that is fixed, upload the CSV "
+                       "again, renamed or edited (an unchanged file is not run twice)")
+            self.store.set_job_state(job.id, JobState.FAILED, message)
+            self.audit.failure(job.id, kind="not-writable", message=message)
+            self.publish_report(job.id, True)  # likely refused too; the job store keeps it (status)
             return JobState.FAILED
 
     # ------------------------------------------------------------------ reports
