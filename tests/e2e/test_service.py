@@ -336,3 +336,24 @@ def test_availability_window_holds_jobs_and_stops_them_when_it_closes(
     with Service(config, clock=lambda: friday_night) as service:
         assert list(service.serve(once=True).values()) == [JobState.DONE]
     assert len([r for r in _imports(xnat_emulator) if r.status == 200]) == 3
+
+
+def test_oversized_csv_and_too_many_rows_are_refused_with_a_clear_report(
+    qrscp, xnat_emulator, pacs_receiver_port, tmp_path
+):
+    config = load(write_config(tmp_path, qrscp, xnat_emulator, pacs_receiver_port,
+                               projects={XNAT_PROJECT: {"pacs": ["qrscp"], "max_rows": 3}},
+                               service={"max_csv_mb": 0.01}))
+    big = "Accession Number\n" + "NOPE0000000\n" * 2000  # ~24 KB > 10 KB
+    xnat_emulator.put_resource_file(XNAT_PROJECT, INBOX, "big.csv", big.encode())
+    xnat_emulator.put_resource_file(XNAT_PROJECT, INBOX, "rows.csv",
+                                    b"Accession Number\nA1\nA2\nA3\nA4\nA5\n")
+    with Service(config) as service:
+        results = service.serve(once=True)
+    assert sorted(s.value for s in results.values()) == ["failed", "failed"]
+    big_report = _report(xnat_emulator, "big.report.json")
+    assert "the limit is 0.01 MB" in big_report["job"]["message"]
+    assert "Split it" in big_report["job"]["message"]
+    rows_report = _report(xnat_emulator, "rows.report.json")
+    assert "split" in rows_report["job"]["message"].lower() and "3" in rows_report["job"]["message"]
+    assert not [r for r in xnat_emulator.requests if "services/import" in r.path]
