@@ -189,17 +189,21 @@ def _dcmtk_env() -> dict[str, str]:
     return {**os.environ, "TCP_NODELAY": "1"}
 
 
-def _run_parallel(commands: list[list[str]], parallel: int) -> float:
-    """Run the commands, ``parallel`` at a time; the wall time. Any failure aborts the benchmark."""
+def _run_parallel(commands: list[list[str]], parallel: int) -> tuple[float, float]:
+    """Run the commands, ``parallel`` at a time: wall time, CPU time. Any failure aborts the benchmark."""
     def one(command: list[str]) -> None:
         done = subprocess.run(command, capture_output=True, text=True, env=_dcmtk_env())
         if done.returncode != 0:
             raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
 
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     with ThreadPoolExecutor(parallel) as pool:
         list(pool.map(one, commands))
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return seconds, round(cpu, 2)
 
 
 def measure_movescu(pacs: RunningPacs, uids: list[str], port: int, parallel: int, out: Path,
@@ -210,17 +214,22 @@ def measure_movescu(pacs: RunningPacs, uids: list[str], port: int, parallel: int
     log = (out.parent / "storescp.log").open("w")
     scp = subprocess.Popen([dcmtk("storescp"), "--fork", "-aet", STORESCP_AE, "-od", str(out), str(port)],
                            env=_dcmtk_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    pacs_cpu = cpu_ticks(pacs.process.pid)
     try:
         _wait_for_dicom(port, STORESCP_AE)
         commands = [[dcmtk("movescu"), "-S", "-aet", "MOVESCU", "-aec", pacs.ae_title, "-aem", STORESCP_AE,
                      "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={uid}", pacs.host, str(pacs.port)]
                     for uid in uids]
-        seconds = _run_parallel(commands, parallel)
+        seconds, movescu_cpu = _run_parallel(commands, parallel)
     finally:
         os.killpg(scp.pid, 15)
-        scp.wait(10)
+        _, _, usage = os.wait4(scp.pid, 0)
+        scp.returncode = 0
         log.close()
-    return _transfer_figures(out, seconds, expected, "movescu")
+    figures = _transfer_figures(out, seconds, expected, "movescu")
+    figures["cpu"] = {"storescp_s": round(usage.ru_utime + usage.ru_stime, 2), "movescu_s": movescu_cpu,
+                      "orthanc_s": cpu_seconds(cpu_ticks(pacs.process.pid) - pacs_cpu)}
+    return figures
 
 
 def measure_getscu(pacs: RunningPacs, uids: list[str], parallel: int, out: Path, expected: int) -> dict[str, float]:
@@ -230,7 +239,11 @@ def measure_getscu(pacs: RunningPacs, uids: list[str], parallel: int, out: Path,
     commands = [[dcmtk("getscu"), "-S", "-aet", "GETSCU", "-aec", pacs.ae_title, "-od", str(out),
                  "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={uid}", pacs.host, str(pacs.port)]
                 for uid in uids]
-    return _transfer_figures(out, _run_parallel(commands, parallel), expected, "getscu")
+    pacs_cpu = cpu_ticks(pacs.process.pid)
+    seconds, getscu_cpu = _run_parallel(commands, parallel)
+    figures = _transfer_figures(out, seconds, expected, "getscu")
+    figures["cpu"] = {"getscu_s": getscu_cpu, "orthanc_s": cpu_seconds(cpu_ticks(pacs.process.pid) - pacs_cpu)}
+    return figures
 
 
 def _transfer_figures(out: Path, seconds: float, expected: int, tool: str) -> dict[str, float]:
@@ -352,8 +365,8 @@ def e2e_child(config_path: Path, csv_path: Path, result_path: Path) -> None:
     result_path.write_text(json.dumps(result), encoding="utf-8")
 
 
-class TreeMemory:
-    """Samples the resident memory of a process and all its descendants (sum over the tree)."""
+class TreeSampler:
+    """Samples the resident memory (sum over the tree) and CPU time of a process and its descendants."""
 
     def __init__(self, pid: int, interval: float = 0.05) -> None:
         self.pid = pid
@@ -361,6 +374,7 @@ class TreeMemory:
         self.peak_rss = 0
         self.peak_pss = 0
         self.peak_processes = 0
+        self.cpu_ticks: dict[int, int] = {}  # pid -> user+system clock ticks, last seen
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -378,6 +392,7 @@ class TreeMemory:
                 try:
                     rss += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
                     pss += _pss(pid)
+                    self.cpu_ticks[pid] = cpu_ticks(pid)
                 except (OSError, ValueError, IndexError):
                     continue
             self.peak_rss = max(self.peak_rss, rss)
@@ -393,6 +408,16 @@ def _tree(pid: int) -> Iterator[int]:
         return
     for child in children:
         yield from _tree(int(child))
+
+
+def cpu_ticks(pid: int) -> int:
+    """User + system CPU time of one process so far, in clock ticks."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def cpu_seconds(ticks: int) -> float:
+    return round(ticks / os.sysconf("SC_CLK_TCK"), 2)
 
 
 def _pss(pid: int) -> int:
@@ -413,11 +438,17 @@ def measure_e2e(work: Path, load: Load, pacs: RunningPacs, receiver_port: int, r
         config = write_e2e_config(folder, pacs, emulator, receiver_port, retrieve, associations, workers)
         csv_path = write_e2e_csv(folder, load.catalog())
         result_path = folder / "result.json"
+        pacs_cpu = cpu_ticks(pacs.process.pid)
         child = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--e2e-child", str(config),
                                   str(csv_path), str(result_path)])
-        memory = TreeMemory(child.pid)
-        code = child.wait()
+        memory = TreeSampler(child.pid)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = code = os.waitstatus_to_exitcode(status)
         memory.stop()
+        cpu = {"dqr_xnat_s": round(usage.ru_utime + usage.ru_stime, 2),
+               "dqr_xnat_sampled_s": cpu_seconds(sum(memory.cpu_ticks.values())),
+               "xnat_emulator_s": cpu_seconds(cpu_ticks(emulator.process.pid)),
+               "orthanc_s": cpu_seconds(cpu_ticks(pacs.process.pid) - pacs_cpu)}
         if code != 0 or not result_path.exists():
             raise SystemExit(f"the dqr-xnat run ({retrieve}) failed with exit code {code}")
         result = json.loads(result_path.read_text())
@@ -439,6 +470,7 @@ def measure_e2e(work: Path, load: Load, pacs: RunningPacs, receiver_port: int, r
         "peak_pss_mb": round(memory.peak_pss / 2**20, 1),
         "processes": memory.peak_processes,
         "maxrss_main_process_mb": result["maxrss_self_mb"],
+        "cpu": cpu,  # dqr_xnat_s: the child and its waited-for descendants (worker processes)
     }
 
 

@@ -134,6 +134,7 @@ class ServiceConfig:
     serve_unlisted_projects: bool = False  # with discovery: unlisted projects get project_defaults
     max_csv_mb: float = 10.0
     workers: int = 2  # relabel/upload worker threads
+    processes: int | None = None  # worker processes receiving and relabeling; None = one per core, 0 = none
     study_attempts: int = 3  # tries per study (retrieve/upload) before it fails
     metrics_port: int | None = None  # /metrics and /health; None = off (0 = any free port)
     metrics_host: str = "127.0.0.1"
@@ -421,6 +422,8 @@ def _read_service(r: _Reader, raw: Any) -> ServiceConfig:
         serve_unlisted_projects=r.get(d, "serve_unlisted_projects", "service", bool, False),
         max_csv_mb=r.get(d, "max_csv_mb", "service", float, 10.0, check=_positive),
         workers=r.get(d, "workers", "service", int, 2, check=_positive),
+        processes=r.get(d, "processes", "service", int, None,
+                        check=lambda v: None if v >= 0 else "must be 0 (none) or more"),
         study_attempts=r.get(d, "study_attempts", "service", int, 3, check=_positive),
         metrics_port=metrics,
         metrics_host=r.get(d, "metrics_host", "service", str, "127.0.0.1"),

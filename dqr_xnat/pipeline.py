@@ -34,6 +34,7 @@ from typing import Callable, Mapping, Sequence
 from dqr_xnat.adapters import dicom_files
 from dqr_xnat.adapters.pacs import PacsClient, StorageSCP
 from dqr_xnat.adapters.store import JobStore, NewStudy, StudyRecord
+from dqr_xnat.adapters.workers import WorkerPool
 from dqr_xnat.adapters.xnat import XnatClient
 from dqr_xnat.config import Config, PacsConfig, ProjectConfig
 from dqr_xnat.errors import (
@@ -52,6 +53,8 @@ from dqr_xnat.model import (
     CsvRow,
     JobMode,
     JobState,
+    RetrieveMethod,
+    RetrieveResult,
     RowMatch,
     RowStatus,
     SeriesInfo,
@@ -124,6 +127,7 @@ class Pipeline:
         self.store = store
         self.xnat = xnat
         self.receiver = receiver
+        self.workers: WorkerPool | None = None  # worker processes for C-GET and relabeling (service sets it)
         self.pacs_clients = dict(pacs_clients or {})
         self.on_report = on_report
         self.progress = progress or Progress()
@@ -297,13 +301,7 @@ class Pipeline:
         started = time.monotonic()
         try:
             with self.metrics.timed(run.pacs.name, run.pacs.retrieve.value):
-                result = self.client(run.pacs).retrieve(
-                    record.study_uid,
-                    raw,
-                    series_uids=record.series_uids or None,
-                    expected=record.expected,
-                    receiver=self.receiver,
-                )
+                result = self._retrieve(run, record, raw)
         except PacsError as exc:
             self.metrics.failed("retrieve", exc)
             self._fail_or_retry(run, record, StudyState.PENDING, self._full_staging(exc) or exc)
@@ -383,8 +381,7 @@ class Pipeline:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir()
         plan = dict(row.relabel)
-        for src in files:
-            dicom_files.relabel_file(src, out / src.name, plan)
+        self._relabel(files, out, plan)
         values = dicom_files.read_study_values(out / files[0].name)
         labels = label_stage.make_labels(
             run.project.name,
@@ -553,6 +550,24 @@ class Pipeline:
         """Free staging disk as soon as a study has reached a final state."""
         if record.staging_dir:
             shutil.rmtree(record.staging_dir, ignore_errors=True)
+
+    def _retrieve(self, run: JobRun, record: StudyRecord, raw: Path) -> RetrieveResult:
+        """C-GET runs in a worker process when there are some: receiving is CPU-bound (GIL)."""
+        client = self.client(run.pacs)
+        series = record.series_uids or None
+        if self.workers is not None and run.pacs.retrieve is RetrieveMethod.C_GET:
+            return self.workers.retrieve(client, record.study_uid, raw, series_uids=series,
+                                         expected=record.expected, receiver=self.receiver)
+        return client.retrieve(record.study_uid, raw, series_uids=series, expected=record.expected,
+                               receiver=self.receiver)
+
+    def _relabel(self, files: Sequence[Path], out: Path, plan: dict[str, str]) -> None:
+        """Relabel into ``out``, in slices on the worker processes when there are some (CPU-bound)."""
+        if self.workers is not None:
+            self.workers.relabel(files, out, plan)
+            return
+        for src in files:
+            dicom_files.relabel_file(src, out / src.name, plan)
 
     def _staging_dir(self, job_id: str, study_uid: str) -> Path:
         return self.staging_root / job_id / phi_hash(study_uid, 16)

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 from dqr_xnat.adapters.pacs import PROCESS_LIMITER, StorageSCP
+from dqr_xnat.adapters.receivers import ProcessStorageSCP
+from dqr_xnat.adapters.workers import WorkerPool, default_processes
 from dqr_xnat.adapters.store import Job, JobStore
 from dqr_xnat.adapters.xnat import XnatClient
 from dqr_xnat.config import Config, ProjectConfig
@@ -69,6 +71,7 @@ class Service:
         self.xnat = xnat or XnatClient(config.xnat, auto_renew=True)
         self.clock = clock
         self.receiver: StorageSCP | None = None
+        self.workers: WorkerPool | None = None
         self.metrics = Metrics()
         self.metrics.add_state_collector(lambda: state_families(self.store, self._open_associations))
         self.metrics_server: MetricsServer | None = None
@@ -96,10 +99,25 @@ class Service:
         reset = self.store.reset_interrupted()
         if reset:
             log.warning("resuming %d studies left unfinished by a stopped process", len(reset))
+        processes = self.config.service.processes
+        if processes != 0:  # receiving and relabeling are CPU-bound: a process per core
+            temp_root = Path(self.config.state_dir) / "staging" / ".incoming"
+            self.workers = WorkerPool(processes or default_processes(), temp_root=temp_root).start()
+            self.pipeline.workers = self.workers
         if any(p.retrieve is RetrieveMethod.C_MOVE for p in self.config.pacs.values()):
             staging = Path(self.config.state_dir) / "staging"
-            self.receiver = StorageSCP(self.config.receiver, self.config.pacs.values(), staging)
-            self.receiver.start()
+            if self.workers is not None:
+                self.receiver = ProcessStorageSCP(self.config.receiver, self.config.pacs.values(), staging,
+                                                  self.workers)
+            else:
+                self.receiver = StorageSCP(self.config.receiver, self.config.pacs.values(), staging)
+            try:
+                self.receiver.start()
+            except BaseException:
+                self.receiver = None
+                if self.workers is not None:
+                    self.workers.stop()  # __exit__ will not run: leave no process behind
+                raise
             self.pipeline.receiver = self.receiver
         if self.config.service.metrics_port is not None:
             self.metrics_server = MetricsServer(
@@ -120,6 +138,8 @@ class Service:
             self.metrics_server.stop()
         if self.receiver is not None:
             self.receiver.stop()
+        if self.workers is not None:
+            self.workers.stop()
         self.xnat.close()
         self.store.close()
 

@@ -465,8 +465,7 @@ class StudyReceipt:
         """Move the staged file into place; the C-STORE status to answer."""
         if item.size > self.max_bytes:
             item.discard()
-            with self._cond:
-                self.refused_oversize += 1
+            self.record_oversize()
             log.warning(
                 "refused an instance of %.0f MB of study %s: larger than receiver.max_instance_mb",
                 item.size / 2**20, phi_hash(self.study_instance_uid),
@@ -478,16 +477,30 @@ class StudyReceipt:
             shutil.move(str(item.path), str(self.directory / name))
         except OSError as exc:
             item.discard()
-            with self._cond:
-                self.errors.append(f"{type(exc).__name__}: {exc.strerror or exc}")
+            self.record_error(f"{type(exc).__name__}: {exc.strerror or exc}")
             log.error("cannot store an instance of study %s: %s", phi_hash(self.study_instance_uid), exc)
             return STATUS_OUT_OF_RESOURCES
+        self.record(name, item.series_instance_uid)
+        return 0x0000
+
+    # The three outcomes of accept(), public so that a receiver in another process (see
+    # dqr_xnat.adapters.receivers) can report what it did with an instance of this study.
+
+    def record(self, name: str, series_instance_uid: str) -> None:
+        """Count an instance that is now at ``directory / name``."""
         with self._cond:
             self._files[name] = self.directory / name
-            self._series.setdefault(item.series_instance_uid, set()).add(name)
+            self._series.setdefault(series_instance_uid, set()).add(name)
             self._arrivals += 1
             self._cond.notify_all()
-        return 0x0000
+
+    def record_oversize(self) -> None:
+        with self._cond:
+            self.refused_oversize += 1
+
+    def record_error(self, message: str) -> None:
+        with self._cond:
+            self.errors.append(message)
 
     def wait_idle(self, done: Callable[[], bool], *, idle: float = SETTLE_IDLE_SECONDS) -> None:
         """Wait until ``done()`` or until no instance arrived for ``idle`` seconds."""
@@ -588,9 +601,7 @@ class StorageSCP:
             (evt.EVT_REJECTED, self._on_rejected),
         ]
         try:
-            self._server = ae.start_server(
-                (self.config.host, self.config.port), block=False, evt_handlers=handlers
-            )
+            self._server = self._serve(ae, handlers)
         except OSError as exc:
             self._restore_tempdir()
             raise PacsError(
@@ -599,6 +610,10 @@ class StorageSCP:
             ) from exc
         log.info("receiver %s listening on %s:%d", self.ae_title, self.config.host, self.port)
         return self
+
+    def _serve(self, ae: AE, handlers: list[Any]) -> Any:
+        """Start the server thread; a hook, so a worker process can serve a socket shared by several."""
+        return ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
 
     def stop(self) -> None:
         """Stop listening and abort associations still open (pynetdicom's shutdown leaves them)."""
