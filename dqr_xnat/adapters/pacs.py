@@ -513,7 +513,8 @@ class StudyReceipt:
 
 
 def _store_handler(
-    lookup: Callable[[str], StudyReceipt | None], staging: Path, who: str
+    lookup: Callable[[str], StudyReceipt | None], staging: Path, who: str,
+    on_unreadable: Callable[[], None] | None = None,
 ) -> Callable[[evt.Event], int]:
     """An EVT_C_STORE handler routing each instance to the receipt of its study."""
 
@@ -523,6 +524,8 @@ def _store_handler(
         except (InvalidDicomError, OSError, ValueError, KeyError) as exc:
             log.warning("%s: refused an unreadable instance from %s: %s", who,
                         event.assoc.requestor.ae_title, type(exc).__name__)
+            if on_unreadable is not None:
+                on_unreadable()
             return STATUS_CANNOT_UNDERSTAND
         receipt = lookup(item.study_instance_uid)
         if receipt is None:
@@ -546,7 +549,7 @@ class StorageSCP:
 
     Use as a context manager, or call :meth:`start` and :meth:`stop`. :meth:`expect` registers a
     study for the duration of its retrieval. Files land as ``<directory>/<SOPInstanceUID>.dcm``
-    (see :func:`instance_file_name`). ``refused_unexpected`` and ``rejected_associations`` count
+    (see :func:`instance_file_name`). ``refused_unexpected``, ``refused_unreadable`` and ``rejected_associations`` count
     what was turned away.
     """
 
@@ -561,6 +564,7 @@ class StorageSCP:
         self._server: Any = None
         self._own_tempdir: str | None = None
         self.refused_unexpected = 0
+        self.refused_unreadable = 0
         self.rejected_associations = 0
 
     @property
@@ -597,7 +601,8 @@ class StorageSCP:
         ae.maximum_pdu_size = 0  # unlimited receive PDU: 10-15 % faster (pacs-notes §3)
         handlers = [
             (evt.EVT_CONN_OPEN, _nodelay),
-            (evt.EVT_C_STORE, _store_handler(self._receipt_for, self.staging_root, "receiver")),
+            (evt.EVT_C_STORE, _store_handler(self._receipt_for, self.staging_root, "receiver",
+                                             self._on_unreadable)),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
         try:
@@ -649,6 +654,10 @@ class StorageSCP:
             if receipt is None:
                 self.refused_unexpected += 1
             return receipt
+
+    def _on_unreadable(self) -> None:
+        with self._lock:
+            self.refused_unreadable += 1
 
     def _on_rejected(self, event: evt.Event) -> None:
         with self._lock:

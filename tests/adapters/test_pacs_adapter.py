@@ -378,6 +378,36 @@ def test_receiver_accepts_only_expected_studies(
     assert stored.read_bytes()[128:132] == b"DICM" and dcmread(stored) == dcmread(source)
 
 
+def test_receiver_refuses_malformed_instances(
+    make_receiver: Callable[..., StorageSCP], orthanc: RunningPacs, synthetic_files: list[Path], tmp_path: Path
+) -> None:
+    """A data set cut short inside an element: refused, counted, nothing stored."""
+    from pynetdicom import _config
+
+    source = synthetic_files[0]
+    header = dcmread(source, stop_before_pixels=True)
+    meta_end = 132 + 12 + int(header.file_meta.FileMetaInformationGroupLength)
+    broken = tmp_path / "broken.dcm"
+    # (0020,000D) StudyInstanceUID declared 64 bytes long, 5 bytes present, then the file ends.
+    broken.write_bytes(source.read_bytes()[:meta_end] + b"\x20\x00\x0d\x00UI\x40\x001.2.3")
+    receiver = make_receiver(orthanc)
+    study = str(header.StudyInstanceUID)
+    ae = AE(ae_title=orthanc.ae_title)
+    ae.add_requested_context(header.SOPClassUID, header.file_meta.TransferSyntaxUID)
+    previous, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
+    try:
+        with receiver.expect(study, tmp_path / "in") as receipt:
+            assoc = ae.associate(HOST, receiver.port, ae_title=RECEIVER_AE)
+            assert assoc.is_established
+            status = assoc.send_c_store(broken)  # sent as the raw bytes of the file
+            assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
+    assert status and int(status.Status) != 0x0000
+    assert receipt.received == 0 and not list((tmp_path / "in").glob("*"))
+    assert receiver.refused_unexpected + receiver.refused_unreadable == 1
+
+
 def test_receiver_refuses_oversize_instances(make_receiver: Callable[..., StorageSCP], orthanc: RunningPacs, tmp_path: Path) -> None:
     [study] = bench_catalog(1, 1, 1)
     [big] = write_studies([study], tmp_path / "big", rows=1024, columns=1024)  # 2 MiB of pixels
