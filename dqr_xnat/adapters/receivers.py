@@ -11,11 +11,12 @@ concurrent C-MOVEs spread over the cores.
 
 Nothing the receiver decides changes: a worker runs a :class:`StorageSCP` of its own with the same
 handlers, refusals and log messages, on the same socket, and reports each outcome (stored,
-oversize, write error, unexpected study, rejected association) to the service process, where the
-study's :class:`StudyReceipt` counts it exactly as an in-process receiver would. ``expect``
-registers a study in every worker and waits until each has confirmed before the C-MOVE is sent,
-so no sub-operation can reach a worker that does not know the study yet; ``forget`` likewise
-waits, so every report of the study has arrived before the PACS client judges the retrieval.
+oversize, write error, unexpected study, unreadable instance, rejected association) to the
+service process, where the study's :class:`StudyReceipt` and the counters record it exactly as an
+in-process receiver would. ``expect`` registers a study in every worker and waits until each has
+confirmed before the C-MOVE is sent, so no sub-operation can reach a worker that does not know the
+study yet; ``forget`` likewise waits, so every report of the study has arrived before the PACS
+client judges the retrieval.
 """
 
 from __future__ import annotations
@@ -126,6 +127,10 @@ class ProcessStorageSCP(StorageSCP):
             with self._lock:
                 self.rejected_associations += 1
             return
+        if kind == "unreadable":
+            with self._lock:
+                self.refused_unreadable += 1
+            return
         with self._lock:
             receipt = self._expected.get(args[0])
         if receipt is None:
@@ -211,6 +216,10 @@ class _WorkerStorageSCP(StorageSCP):
     def _on_rejected(self, event: evt.Event) -> None:
         super()._on_rejected(event)
         self._context.send(("event", "rejected", ()))
+
+    def _on_unreadable(self) -> None:
+        super()._on_unreadable()
+        self._context.send(("event", "unreadable", ()))
 
 
 class _SharedSocketServer(ThreadedAssociationServer):
