@@ -63,6 +63,8 @@ START_TIMEOUT = 60.0
 BROADCAST_TIMEOUT = 30.0
 #: Loggers whose levels a worker copies from the service (pynetdicom logs identifiers below WARNING).
 COPIED_LEVELS = ("", "dqr_xnat", "pynetdicom")
+#: The open-association count a dead worker shows, so that nobody waits for it to accept.
+DEAD_WORKER_LOAD = 1 << 20
 #: A temporary file untouched for this long is left over from an aborted transfer.
 ORPHAN_SECONDS = 2.0
 
@@ -339,6 +341,9 @@ class _Worker:
             elif kind == "log":
                 logging.getLogger(message[1]).log(message[2], "%s", message[3])
         self.alive = False
+        if self.pool.busy is not None:
+            with self.pool.busy.get_lock():
+                self.pool.busy[self.index] = DEAD_WORKER_LOAD  # no live worker leaves it an association
         if not self.pool._stopping:
             log.error("worker process %d exited unexpectedly (exit code %s); %d worker(s) left",
                       self.index, self.process.exitcode, sum(w.alive for w in self.pool.workers))
