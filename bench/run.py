@@ -212,7 +212,7 @@ def _run_parallel(commands: list[list[str]], parallel: int) -> tuple[float, floa
 
 
 def measure_movescu(pacs: RunningPacs, uids: list[str], port: int, parallel: int, out: Path,
-                    expected: int) -> dict[str, float]:
+                    expected: int) -> dict[str, Any]:
     """movescu per study into storescp (forking: one process per association, like the PACS side)."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -237,7 +237,7 @@ def measure_movescu(pacs: RunningPacs, uids: list[str], port: int, parallel: int
     return figures
 
 
-def measure_getscu(pacs: RunningPacs, uids: list[str], parallel: int, out: Path, expected: int) -> dict[str, float]:
+def measure_getscu(pacs: RunningPacs, uids: list[str], parallel: int, out: Path, expected: int) -> dict[str, Any]:
     """getscu per study (C-GET: the data comes back on the requesting association)."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -251,7 +251,7 @@ def measure_getscu(pacs: RunningPacs, uids: list[str], parallel: int, out: Path,
     return figures
 
 
-def _transfer_figures(out: Path, seconds: float, expected: int, tool: str) -> dict[str, float]:
+def _transfer_figures(out: Path, seconds: float, expected: int, tool: str) -> dict[str, Any]:
     files = [p for p in out.rglob("*") if p.is_file()]
     if len(files) != expected:
         raise SystemExit(f"{tool}: {len(files)} instances arrived, expected {expected}")
