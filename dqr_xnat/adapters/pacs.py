@@ -677,9 +677,10 @@ class StorageSCP:
         """
         incoming = self.staging_root / ".incoming"
         incoming.mkdir(parents=True, exist_ok=True)
+        chosen = tempfile.tempdir  # read first: gettempdir() below caches its answer into it
         if os.stat(tempfile.gettempdir()).st_dev == os.stat(incoming).st_dev:
             return
-        if tempfile.tempdir is None:
+        if chosen is None:
             tempfile.tempdir = self._own_tempdir = str(incoming)
         else:
             log.warning("temporary files are on another filesystem than %s: instances will be copied",
