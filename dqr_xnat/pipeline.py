@@ -116,7 +116,6 @@ class Pipeline:
         xnat: XnatClient,
         *,
         receiver: StorageSCP | None = None,
-        pacs_clients: Mapping[str, PacsClient] | None = None,
         on_report: ReportCallback | None = None,
         progress: Progress | None = None,
         metrics: Metrics | None = None,
@@ -128,7 +127,7 @@ class Pipeline:
         self.xnat = xnat
         self.receiver = receiver
         self.workers: WorkerPool | None = None  # worker processes for C-GET and relabeling (service sets it)
-        self.pacs_clients = dict(pacs_clients or {})
+        self.pacs_clients: dict[str, PacsClient] = {}
         self.on_report = on_report
         self.progress = progress or Progress()
         self.metrics = metrics or Metrics()
@@ -158,16 +157,16 @@ class Pipeline:
                     for study_id in self._resumable_studies(run.job_id):
                         pools.submit(study_id)
                     self._query_and_decide(run, submit=pools.submit)
-        except WindowClosed as exc:
-            message = f"{exc}; the job continues when the PACS is available again"
-            self.store.set_job_state(run.job_id, JobState.WAITING, message)
+        except StopRequested as exc:  # the job is not over: it resumes from the store later
+            if isinstance(exc, WindowClosed):
+                state = JobState.WAITING
+                message = f"{exc}; the job continues when the PACS is available again"
+            else:
+                state = JobState.RUNNING
+                message = "interrupted by a service stop; it resumes when the service starts again"
+            self.store.set_job_state(run.job_id, state, message)
             self._report(run.job_id, final=True)
-            return JobState.WAITING
-        except StopRequested:
-            message = "interrupted by a service stop; it resumes when the service starts again"
-            self.store.set_job_state(run.job_id, JobState.RUNNING, message)
-            self._report(run.job_id, final=True)
-            return JobState.RUNNING
+            return state
         except CancelledError:
             self._cancel_rest(run.job_id)
         state = self.store.derive_job_state(run.job_id)
@@ -181,7 +180,8 @@ class Pipeline:
 
     def _query_and_decide(self, run: JobRun, submit: Callable[[int], None] | None) -> None:
         """Query rows concurrently; decide them strictly in line order (first row wins)."""
-        pending = [r for r in run.rows if self.store.row_status(run.job_id, r.line) is None]
+        unqueried = {r.line for r in self.store.pending_rows(run.job_id)}
+        pending = [r for r in run.rows if r.line in unqueried]
         claimed = self.store.claimed_studies(run.job_id)  # study_uid -> line, from earlier runs
         client = self.client(run.pacs)
         workers = self._concurrency(run)
@@ -274,7 +274,7 @@ class Pipeline:
     # ------------------------------------------------------------------ study processing
 
     def _resumable_studies(self, job_id: str) -> list[int]:
-        return [s.id for s in self.store.studies(job_id) if not StudyState(s.state).final]
+        return [s.id for s in self.store.unfinished_studies(job_id)]
 
     def retrieve_study(self, run: JobRun, study_id: int) -> bool:
         """PENDING/RETRIEVING → RETRIEVED. Returns False when the study did not get there."""
@@ -325,15 +325,17 @@ class Pipeline:
             labels = predict_labels(run.project.name, row, record.info, record.session_suffix)
         except LabelError:
             return False  # decided after relabeling, from the DICOM itself
-        earlier = self.store.landed(run.project.name, record.study_uid, labels.subject,
-                                    labels.session, exclude_job=run.job_id)
+        earlier = self._earlier_landing(run, record, labels)
         if earlier is None:
             return False
-        self._finish(record, StudyState.SKIPPED,
-                     f"already imported by job {earlier.job_id} (line {earlier.line}); put the CSV "
-                     "under reimport/ to import it again",
+        self._finish(record, StudyState.SKIPPED, _already_imported(earlier),
                      prearchive_url=earlier.prearchive_url, labels=labels)
         return True
+
+    def _earlier_landing(self, run: JobRun, record: StudyRecord, labels: XnatLabels) -> StudyRecord | None:
+        """The DONE study of another job with this UID and these labels in the project, if any."""
+        return self.store.landed(run.project.name, record.study_uid, labels.subject, labels.session,
+                                 exclude_job=run.job_id)
 
     def process_study(self, run: JobRun, study_id: int) -> None:
         """RETRIEVED → RELABELED → UPLOADING → DONE; each step recorded before the next."""
@@ -383,23 +385,12 @@ class Pipeline:
         plan = dict(row.relabel)
         self._relabel(files, out, plan)
         values = dicom_files.read_study_values(out / files[0].name)
-        labels = label_stage.make_labels(
-            run.project.name,
-            patient_name=values.get("PatientName", ""),
-            patient_id=values.get("PatientID", ""),
-            study_id=values.get("StudyID", ""),
-            accession_number=values.get("AccessionNumber", ""),
-            study_instance_uid=record.study_uid,
-            suffix=record.session_suffix,
-        )
+        labels = _labels(run.project.name, values, record.study_uid, record.session_suffix)
         shutil.rmtree(raw, ignore_errors=True)
         if not run.reimport:
-            earlier = self.store.landed(run.project.name, record.study_uid, labels.subject,
-                                        labels.session, exclude_job=run.job_id)
+            earlier = self._earlier_landing(run, record, labels)
             if earlier is not None:
-                raise VerificationError(
-                    f"already imported by job {earlier.job_id} (line {earlier.line}); put the CSV "
-                    "under reimport/ to import it again")
+                raise VerificationError(_already_imported(earlier))
         return self.store.set_study_state(record.id, StudyState.RELABELED, labels=labels)
 
     def _verify_on_dicom(
@@ -718,16 +709,27 @@ def predict_labels(project: str, row: CsvRow, info: StudyInfo, suffix: str) -> X
     Used only to skip studies already landed before retrieving them; the labels actually sent
     are made from the relabeled DICOM.
     """
-    plan = row.relabel
+    values = {"PatientName": info.patient_name, "PatientID": info.patient_id,
+              "StudyID": info.study_id, "AccessionNumber": info.accession_number, **row.relabel}
+    return _labels(project, values, info.study_instance_uid, suffix)
+
+
+def _labels(project: str, values: Mapping[str, str], study_uid: str, suffix: str) -> XnatLabels:
+    """DQR's labels from a study's (relabeled) PatientName, PatientID, StudyID, AccessionNumber."""
     return label_stage.make_labels(
         project,
-        patient_name=plan.get("PatientName", info.patient_name),
-        patient_id=plan.get("PatientID", info.patient_id),
-        study_id=plan.get("StudyID", info.study_id),
-        accession_number=plan.get("AccessionNumber", info.accession_number),
-        study_instance_uid=info.study_instance_uid,
+        patient_name=values.get("PatientName", ""),
+        patient_id=values.get("PatientID", ""),
+        study_id=values.get("StudyID", ""),
+        accession_number=values.get("AccessionNumber", ""),
+        study_instance_uid=study_uid,
         suffix=suffix,
     )
+
+
+def _already_imported(earlier: StudyRecord) -> str:
+    return (f"already imported by job {earlier.job_id} (line {earlier.line}); put the CSV "
+            "under reimport/ to import it again")
 
 
 def _new_study(project: ProjectConfig, match: RowMatch, outcome: RowCandidates,

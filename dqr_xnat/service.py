@@ -21,7 +21,7 @@ from dqr_xnat.adapters.pacs import PROCESS_LIMITER, StorageSCP
 from dqr_xnat.adapters.receivers import ProcessStorageSCP
 from dqr_xnat.adapters.workers import WorkerPool, default_processes
 from dqr_xnat.adapters.store import Job, JobStore
-from dqr_xnat.adapters.xnat import XnatClient
+from dqr_xnat.adapters.xnat import RemoteFile, XnatClient
 from dqr_xnat.config import Config, ProjectConfig
 from dqr_xnat.errors import DqrError, RetriableXnatError, XnatError
 from dqr_xnat.model import JobMode, JobState, ParsedCsv, RetrieveMethod
@@ -36,7 +36,7 @@ from dqr_xnat.project_settings import (
 from dqr_xnat.reporting import render_report
 from dqr_xnat.stages import schedule
 from dqr_xnat.stages.csv_parse import parse_csv
-from dqr_xnat.stages.inbox import CSV_SUFFIX, interpret
+from dqr_xnat.stages.inbox import CSV_SUFFIX, InboxRequest, interpret
 
 log = logging.getLogger(__name__)
 
@@ -219,17 +219,20 @@ class Service:
                             self.config.service.inbox_resource, exc)
         return created
 
-    def _poll_project(self, project: str, settings: ProjectConfig) -> list[Job]:
-        inbox = self.config.service.inbox_resource
+    def _inbox(self, project: str, settings: ProjectConfig) -> list[tuple[RemoteFile, InboxRequest]]:
+        """The project's inbox files, in path order, each with what it asks for."""
         try:
-            files = self.xnat.list_files(project, inbox)
+            files = self.xnat.list_files(project, self.config.service.inbox_resource)
         except XnatError as exc:
             if exc.status == 404:
                 return []  # no inbox resource yet: nothing asked
             raise
+        return [(remote, interpret(remote.path, allowed_pacs=settings.pacs, known_pacs=self.config.pacs))
+                for remote in sorted(files, key=lambda f: f.path)]
+
+    def _poll_project(self, project: str, settings: ProjectConfig) -> list[Job]:
         created = []
-        for remote in sorted(files, key=lambda f: f.path):
-            request = interpret(remote.path, allowed_pacs=settings.pacs, known_pacs=self.config.pacs)
+        for remote, request in self._inbox(project, settings):
             if request.kind == "cancel":
                 self._cancel_file(project, request.target)
             elif request.kind == "csv":
@@ -246,7 +249,8 @@ class Service:
                 self.audit.cancel_requested(job.id, by=f"xnat-file:{target}.cancel")
                 self.publish_report(job.id, True)
 
-    def _take_csv(self, project: str, settings: ProjectConfig, path: str, size: int, request) -> Job | None:
+    def _take_csv(self, project: str, settings: ProjectConfig, path: str, size: int,
+                  request: InboxRequest) -> Job | None:
         inbox = self.config.service.inbox_resource
         limit = int(self.config.service.max_csv_mb * 1024 * 1024)
         if size > limit:
@@ -415,17 +419,16 @@ class Service:
         """While jobs run, keep looking for ``.cancel`` files so a user can stop a long job."""
         interval = min(self.config.service.poll_interval, 5.0)
         while not self._stop.wait(interval):
-            try:
-                for project in self.projects():
-                    settings = self.config.project(project)
-                    if settings is None:
-                        continue
-                    for remote in self.xnat.list_files(project, self.config.service.inbox_resource):
-                        request = interpret(remote.path, allowed_pacs=settings.pacs)
+            for project in self.projects():
+                settings = self.config.project(project)
+                if settings is None:
+                    continue
+                try:
+                    for _remote, request in self._inbox(project, settings):
                         if request.kind == "cancel":
                             self._cancel_file(project, request.target)
-            except (DqrError, OSError) as exc:
-                log.debug("cancel watcher: %s", exc)
+                except (DqrError, OSError) as exc:  # one project's trouble must not hide the others'
+                    log.debug("cancel watcher, project %s: %s", project, exc)
 
     # ------------------------------------------------------------------ local import
 
