@@ -80,6 +80,7 @@ class Service:
                                  progress=progress, metrics=self.metrics, clock=clock)
         self._local_reports: dict[str, Path] = {}
         self._settings_notes: dict[str, str] = {}  # project -> last settings.problems.txt sent
+        self._settings: dict[str, ProjectConfig] = {}  # project -> effective settings last read
         self._stop = threading.Event()
 
     # ------------------------------------------------------------------ lifecycle
@@ -187,6 +188,7 @@ class Service:
         if admin is None:
             return None
         settings, problems = load_effective_settings(self.xnat, admin)
+        self._settings[project] = settings
         note = render_settings_problems(project, problems, settings) if problems else ""
         if self._settings_notes.get(project) != note:
             resource = self.config.service.report_resource
@@ -379,10 +381,14 @@ class Service:
         job = self.store.get_job(job_id)
         if job is None:
             return
-        try:
-            settings = self.settings_for(job.project)
-        except XnatError:
-            settings = None  # cannot tell whether owners narrowed it: show no identity
+        # The settings the job was polled or started with: a report rewrite (every few seconds)
+        # need not read the project's XNAT config entry again.
+        settings = self._settings.get(job.project)
+        if settings is None:
+            try:
+                settings = self.settings_for(job.project)
+            except XnatError:
+                settings = None  # cannot tell whether owners narrowed it: show no identity
         show = bool(settings and settings.report_patient_identity)
         csv_text, json_text = render_report(self.store, job_id, show_identity=show)
         target = self.target(job)
