@@ -8,8 +8,10 @@ process, and on every pynetdicom socket through the adapter's EVT_CONN_OPEN hand
   to the PACS (``--associations``, the PACS's ``max_associations``), and the same for ``getscu``;
 * dqr-xnat end to end through the library API (``Service.import_local``): a CSV listing each
   study's accession number with Subject/Session labels; query, retrieve, relabel, zip, upload into
-  the XNAT emulator, report. Once with C-MOVE, once with C-GET. It runs in a child process whose
-  process tree (worker processes included) is sampled for resident memory; the emulator runs in
+  the XNAT emulator, report. Three times: C-MOVE into ``storescp`` run by the service
+  (``receiver.engine: dcmtk``, the figure the targets are judged on), C-MOVE into the pynetdicom
+  receiver (the default engine), and C-GET. Each runs in a child process whose process tree (worker
+  processes and storescp included) is sampled for resident memory and CPU; the emulator runs in
   another process so that its memory is not counted;
 * with ``--big``: the same for one ~1 GB study (2000 instances of 512x512), for peak memory;
 * validation of a 10,000-row CSV (``parse_csv``), and C-FIND throughput through ``query_rows``
@@ -312,7 +314,7 @@ class Emulator:
 
 
 def write_e2e_config(folder: Path, pacs: RunningPacs, emulator: Emulator, receiver_port: int,
-                     retrieve: str, associations: int, workers: int | None) -> Path:
+                     retrieve: str, engine: str, associations: int, workers: int | None) -> Path:
     """A dqr-xnat configuration for this run (what an admin would write)."""
     secret = folder / "xnat.secret"
     secret.write_text(XNAT_PASSWORD)
@@ -322,7 +324,8 @@ def write_e2e_config(folder: Path, pacs: RunningPacs, emulator: Emulator, receiv
         service["workers"] = workers
     data = {
         "xnat": {"url": emulator.url, "user": XNAT_USER, "password_file": str(secret), "timeout": 600},
-        "receiver": {"ae_title": RECEIVER_AE, "host": HOST, "port": receiver_port},
+        "receiver": {"ae_title": RECEIVER_AE, "host": HOST, "port": receiver_port, "engine": engine,
+                     "storescp": dcmtk("storescp")},
         "pacs": {"orthanc": {"ae_title": pacs.ae_title, "host": pacs.host, "port": pacs.port,
                              "retrieve": retrieve, "max_associations": associations, "retries": 1,
                              "retry_backoff": 1}},
@@ -417,9 +420,13 @@ def _tree(pid: int) -> Iterator[int]:
 
 
 def cpu_ticks(pid: int) -> int:
-    """User + system CPU time of one process so far, in clock ticks."""
+    """User + system CPU time of one process and of its children it has reaped, in clock ticks.
+
+    The reaped children count because ``storescp --fork`` (receiver.engine dcmtk) forks one short-lived
+    process per association.
+    """
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
+    return sum(int(f) for f in fields[11:15])
 
 
 def tree_cpu_seconds(pid: int) -> float:
@@ -444,15 +451,15 @@ def _pss(pid: int) -> int:
     return 0
 
 
-def measure_e2e(work: Path, load: Load, pacs: RunningPacs, receiver_port: int, retrieve: str,
+def measure_e2e(work: Path, load: Load, pacs: RunningPacs, receiver_port: int, retrieve: str, engine: str,
                 associations: int, workers: int | None) -> dict[str, Any]:
     """One import of every study of the load, in a child process; throughput and peak memory."""
-    folder = work / f"e2e-{load.key}-{retrieve}"
+    folder = work / f"e2e-{load.key}-{retrieve}-{engine}"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     emulator = Emulator(folder / "xnat")
     try:
-        config = write_e2e_config(folder, pacs, emulator, receiver_port, retrieve, associations, workers)
+        config = write_e2e_config(folder, pacs, emulator, receiver_port, retrieve, engine, associations, workers)
         csv_path = write_e2e_csv(folder, load.catalog())
         result_path = folder / "result.json"
         pacs_cpu = cpu_ticks(pacs.process.pid)
@@ -485,6 +492,7 @@ def measure_e2e(work: Path, load: Load, pacs: RunningPacs, receiver_port: int, r
         "seconds": seconds,
         "instances": load.total,
         "instances_per_s": round(load.total / seconds, 1),
+        "receiver_engine": engine if retrieve == "c-move" else None,
         "service_start_s": result["service_start_s"],
         "peak_rss_mb": round(peak, 1),
         "peak_pss_mb": round(memory.peak_pss / 2**20, 1),
@@ -565,14 +573,16 @@ def met(key: str, value: float | None) -> str:
 def print_table(results: dict[str, Any]) -> None:
     d = results["details"]
     move, get = d["movescu"], d["getscu"]
-    e2e_move, e2e_get = d["e2e_c_move"], d["e2e_c_get"]
+    e2e_move, e2e_move_py, e2e_get = d["e2e_c_move"], d["e2e_c_move_pynetdicom"], d["e2e_c_get"]
     rows = [
         ("DCMTK movescu -> storescp (physical limit)", f"{move['instances_per_s']:.0f} inst/s, "
          f"{move['mb_per_s']:.0f} MB/s", "", ""),
         ("DCMTK getscu", f"{get['instances_per_s']:.0f} inst/s, {get['mb_per_s']:.0f} MB/s", "", ""),
-        ("dqr-xnat end to end, C-MOVE", f"{e2e_move['instances_per_s']:.0f} inst/s",
+        ("dqr-xnat end to end, C-MOVE (storescp)", f"{e2e_move['instances_per_s']:.0f} inst/s",
          f"x{results['end_to_end_vs_movescu']:.2f} of movescu (>= 0.8)", met("end_to_end_vs_movescu",
                                                                             results["end_to_end_vs_movescu"])),
+        ("dqr-xnat end to end, C-MOVE (pynetdicom)", f"{e2e_move_py['instances_per_s']:.0f} inst/s",
+         f"x{results['end_to_end_vs_movescu_pynetdicom_receiver']:.2f} of movescu", ""),
         ("dqr-xnat end to end, C-GET", f"{e2e_get['instances_per_s']:.0f} inst/s",
          f"x{results['end_to_end_vs_movescu_cget']:.2f} of movescu (>= 0.8)",
          met("end_to_end_vs_movescu_cget", results["end_to_end_vs_movescu_cget"])),
@@ -599,7 +609,8 @@ def print_table(results: dict[str, Any]) -> None:
     print(f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, Python {m['python']}")
 
 
-def cpu_per_instance(move: dict[str, Any], e2e_move: dict[str, Any], e2e_get: dict[str, Any]) -> dict[str, float]:
+def cpu_per_instance(move: dict[str, Any], e2e_move: dict[str, Any], e2e_move_py: dict[str, Any],
+                     e2e_get: dict[str, Any]) -> dict[str, float]:
     """Milliseconds of CPU per instance, per program: why the DCMTK pair is so much faster."""
     def ms(seconds: float, instances: int) -> float:
         return round(seconds * 1000 / instances, 2)
@@ -608,7 +619,8 @@ def cpu_per_instance(move: dict[str, Any], e2e_move: dict[str, Any], e2e_get: di
     return {
         "storescp": ms(move["cpu"]["storescp_s"], n),
         "orthanc (for movescu)": ms(move["cpu"]["orthanc_s"], n),
-        "dqr-xnat C-MOVE": ms(e2e_move["cpu"]["dqr_xnat_import_s"], e2e_move["instances"]),
+        "dqr-xnat C-MOVE (storescp included)": ms(e2e_move["cpu"]["dqr_xnat_import_s"], e2e_move["instances"]),
+        "dqr-xnat C-MOVE, pynetdicom receiver": ms(e2e_move_py["cpu"]["dqr_xnat_import_s"], e2e_move_py["instances"]),
         "dqr-xnat C-GET": ms(e2e_get["cpu"]["dqr_xnat_import_s"], e2e_get["instances"]),
         "xnat emulator": ms(e2e_move["cpu"]["xnat_emulator_s"], e2e_move["instances"]),
         "orthanc (for dqr-xnat)": ms(e2e_move["cpu"]["orthanc_s"], e2e_move["instances"]),
@@ -658,11 +670,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                              work / "storescp", load.total))
         get = best(args.dcmtk_runs, lambda: measure_getscu(pacs, uids, args.associations, work / "getscu",
                                                            load.total))
-        print("measuring dqr-xnat end to end, C-MOVE ...", flush=True)
-        e2e_move = best(args.runs, lambda: measure_e2e(work, load, pacs, receiver_port, "c-move",
+        print("measuring dqr-xnat end to end, C-MOVE into storescp (receiver.engine dcmtk) ...", flush=True)
+        e2e_move = best(args.runs, lambda: measure_e2e(work, load, pacs, receiver_port, "c-move", "dcmtk",
                                                        args.associations, args.workers))
+        print("measuring dqr-xnat end to end, C-MOVE into pynetdicom (receiver.engine pynetdicom) ...", flush=True)
+        e2e_move_py = best(args.runs, lambda: measure_e2e(work, load, pacs, receiver_port, "c-move", "pynetdicom",
+                                                          args.associations, args.workers))
         print("measuring dqr-xnat end to end, C-GET ...", flush=True)
-        e2e_get = best(args.runs, lambda: measure_e2e(work, load, pacs, receiver_port, "c-get",
+        e2e_get = best(args.runs, lambda: measure_e2e(work, load, pacs, receiver_port, "c-get", "pynetdicom",
                                                       args.associations, args.workers))
         print("measuring queries and CSV validation ...", flush=True)
         queries = measure_queries(pacs, catalog, args.queries or (100 if args.quick else 400))
@@ -676,15 +691,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, Any] = {
         "end_to_end_vs_movescu": ratio(e2e_move["instances_per_s"], move["instances_per_s"]),
         "end_to_end_vs_movescu_cget": ratio(e2e_get["instances_per_s"], move["instances_per_s"]),
+        "end_to_end_vs_movescu_pynetdicom_receiver": ratio(e2e_move_py["instances_per_s"], move["instances_per_s"]),
+        "end_to_end_receiver_engine": "dcmtk",  # what end_to_end_vs_movescu and instances_per_s measure
         "instances_per_s": e2e_move["instances_per_s"],
+        "instances_per_s_pynetdicom_receiver": e2e_move_py["instances_per_s"],
         "instances_per_s_cget": e2e_get["instances_per_s"],
         "movescu_instances_per_s": move["instances_per_s"],
         "getscu_instances_per_s": get["instances_per_s"],
-        "peak_rss_mb": max(e2e_move["peak_rss_mb"], e2e_get["peak_rss_mb"]),
+        "peak_rss_mb": max(e2e_move["peak_rss_mb"], e2e_move_py["peak_rss_mb"], e2e_get["peak_rss_mb"]),
         "peak_rss_mb_1gb_study": None if big is None else max(b["peak_rss_mb"] for b in big.values()),
         "validate_10k_rows_s": validate,
         "query_speedup_4_associations": queries["speedup"],
-        "cpu_ms_per_instance": cpu_per_instance(move, e2e_move, e2e_get),
+        "cpu_ms_per_instance": cpu_per_instance(move, e2e_move, e2e_move_py, e2e_get),
         "targets": TARGETS,
         "machine": info,
         "details": {
@@ -692,7 +710,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               f"instances, {load.matrix}x{load.matrix} 16-bit",
                      "instances": load.total, "mb": round(_size_mb(files), 1)},
             "associations": args.associations,
-            "movescu": move, "getscu": get, "e2e_c_move": e2e_move, "e2e_c_get": e2e_get,
+            "movescu": move, "getscu": get, "e2e_c_move": e2e_move, "e2e_c_move_pynetdicom": e2e_move_py,
+            "e2e_c_get": e2e_get,
             "queries": queries, "big_study": big,
             "load_average": [load_before, load_average()],
             "quick": args.quick,
@@ -712,10 +731,11 @@ def measure_big(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     pacs = start_pacs(work, BIG_LOAD, files, {RECEIVER_AE: (HOST, receiver_port)})
     try:
         out = {}
-        for retrieve in ("c-move", "c-get"):
-            print(f"measuring one {_size_mb(files) / 1000:.2f} GB study, {retrieve} ...", flush=True)
-            out[retrieve] = measure_e2e(work, BIG_LOAD, pacs, receiver_port, retrieve, args.associations,
-                                        args.workers)
+        for retrieve, engine in (("c-move", "dcmtk"), ("c-move", "pynetdicom"), ("c-get", "pynetdicom")):
+            print(f"measuring one {_size_mb(files) / 1000:.2f} GB study, {retrieve}, {engine} ...", flush=True)
+            key = f"{retrieve}-storescp" if engine == "dcmtk" else retrieve
+            out[key] = measure_e2e(work, BIG_LOAD, pacs, receiver_port, retrieve, engine, args.associations,
+                                   args.workers)
         return out
     finally:
         pacs.stop()

@@ -74,6 +74,8 @@ class ReceiverConfig:
     host: str = "0.0.0.0"
     port: int = 11113
     max_instance_mb: int = 2048  # larger instances are refused (hostile or broken PACS)
+    engine: str = "pynetdicom"  # or "dcmtk": DCMTK's storescp, managed by the service (bulk pulls)
+    storescp: str = "storescp"  # the storescp executable for engine dcmtk (a name on PATH or a path)
 
 
 @dataclass(frozen=True)
@@ -295,13 +297,19 @@ def _read_xnat(r: _Reader, raw: Any) -> XnatConfig:
     )
 
 
+RECEIVER_ENGINES = ("pynetdicom", "dcmtk")
+
+
 def _read_receiver(r: _Reader, raw: Any) -> ReceiverConfig:
-    d = r.mapping(raw, "receiver", {"ae_title", "host", "port", "max_instance_mb"})
+    d = r.mapping(raw, "receiver", {"ae_title", "host", "port", "max_instance_mb", "engine", "storescp"})
     return ReceiverConfig(
         ae_title=r.get(d, "ae_title", "receiver", str, "DQRXNAT", check=_ae_title),
         host=r.get(d, "host", "receiver", str, "0.0.0.0"),
         port=r.get(d, "port", "receiver", int, 11113, check=_port),
         max_instance_mb=r.get(d, "max_instance_mb", "receiver", int, 2048, check=_positive),
+        engine=r.get(d, "engine", "receiver", str, "pynetdicom",
+                     check=lambda v: None if v in RECEIVER_ENGINES else "must be 'pynetdicom' or 'dcmtk'"),
+        storescp=r.get(d, "storescp", "receiver", str, "storescp", check=_not_blank),
     )
 
 

@@ -19,6 +19,7 @@ from typing import Callable
 
 from dqr_xnat.adapters.pacs import PROCESS_LIMITER, StorageSCP
 from dqr_xnat.adapters.receivers import ProcessStorageSCP
+from dqr_xnat.adapters.storescp import DcmtkStorageSCP
 from dqr_xnat.adapters.workers import WorkerPool, default_processes
 from dqr_xnat.adapters.store import Job, JobStore
 from dqr_xnat.adapters.xnat import RemoteFile, XnatClient
@@ -107,7 +108,9 @@ class Service:
             self.pipeline.workers = self.workers
         if any(p.retrieve is RetrieveMethod.C_MOVE for p in self.config.pacs.values()):
             staging = Path(self.config.state_dir) / "staging"
-            if self.workers is not None:
+            if self.config.receiver.engine == "dcmtk":  # storescp forks per association: every core
+                self.receiver = DcmtkStorageSCP(self.config.receiver, self.config.pacs.values(), staging)
+            elif self.workers is not None:
                 self.receiver = ProcessStorageSCP(self.config.receiver, self.config.pacs.values(), staging,
                                                   self.workers)
             else:

@@ -632,9 +632,7 @@ class StorageSCP:
     @contextmanager
     def expect(self, study_instance_uid: str, directory: Path) -> Iterator[StudyReceipt]:
         """Accept instances of this study into ``directory`` while the block runs."""
-        receipt = StudyReceipt(
-            study_instance_uid, directory, max_bytes=self.config.max_instance_mb * 2**20
-        )
+        receipt = self._new_receipt(study_instance_uid, directory)
         with self._lock:
             if study_instance_uid in self._expected:
                 raise RetriablePacsError(
@@ -647,6 +645,9 @@ class StorageSCP:
         finally:
             with self._lock:
                 self._expected.pop(study_instance_uid, None)
+
+    def _new_receipt(self, study_instance_uid: str, directory: Path) -> StudyReceipt:
+        return StudyReceipt(study_instance_uid, directory, max_bytes=self.config.max_instance_mb * 2**20)
 
     def _receipt_for(self, study_instance_uid: str) -> StudyReceipt | None:
         with self._lock:

@@ -12,7 +12,10 @@ positions in ``default_catalog()``::
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import socket
 import threading
 import time
 import warnings
@@ -36,6 +39,7 @@ from dqr_xnat.adapters.pacs import (
     StorageSCP,
     instance_file_name,
 )
+from dqr_xnat.adapters.storescp import DcmtkStorageSCP
 from dqr_xnat.config import PacsConfig, ReceiverConfig, Timeouts
 from dqr_xnat.errors import IncompleteRetrieveError, PacsError, RetriableError, RetriablePacsError
 from dqr_xnat.model import CsvRow, RetrieveMethod, SeriesFilter
@@ -70,15 +74,18 @@ def client_for(pacs: RunningPacs, **changes: Any) -> PacsClient:
 
 @pytest.fixture
 def make_receiver(tmp_path: Path, pacs_receiver_port: int) -> Iterator[Callable[..., StorageSCP]]:
-    """``make_receiver(*allowed_pacs, ae_title=..., port=..., max_instance_mb=...)``, stopped after."""
+    """``make_receiver(*allowed_pacs, ae_title=..., port=..., engine=..., ...)``, stopped after."""
     started: list[StorageSCP] = []
 
     def make(*allowed: PacsConfig | RunningPacs, **changes: Any) -> StorageSCP:
         values: dict[str, Any] = dict(ae_title=RECEIVER_AE, host=HOST, port=pacs_receiver_port)
         values.update(changes)
         configs = [p if isinstance(p, PacsConfig) else pacs_config(p) for p in allowed]
-        scp = StorageSCP(ReceiverConfig(**values), configs, tmp_path / f"staging{len(started)}")
-        started.append(scp.start())
+        config = ReceiverConfig(**values)
+        kind = DcmtkStorageSCP if config.engine == "dcmtk" else StorageSCP
+        scp = kind(config, configs, tmp_path / f"staging{len(started)}")
+        started.append(scp)
+        scp.start()
         return scp
 
     yield make
@@ -597,3 +604,197 @@ def test_limiter_never_exceeds_max_associations(any_pacs: RunningPacs) -> None:
     assert not errors
     assert peak[0] == 2  # reached (the threads did overlap) and never exceeded
     assert limiter.open_count(clients[0].config) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# receiver.engine: dcmtk (DCMTK's storescp, managed by DcmtkStorageSCP)
+
+
+def _incoming(receiver: StorageSCP) -> Path:
+    assert isinstance(receiver, DcmtkStorageSCP)
+    return receiver.incoming
+
+
+def _settle(receipt: Any) -> None:
+    """Collect what storescp wrote, as a retrieval does after the C-MOVE's final response."""
+    receipt.wait_idle(lambda: False, idle=0.2)
+
+
+def test_storescp_retrieves_whole_studies_and_chosen_series(
+    any_pacs: RunningPacs,
+    make_receiver: Callable[..., StorageSCP],
+    synthetic_catalog: list[SyntheticStudy],
+    source_by_sop: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    receiver = make_receiver(any_pacs, engine="dcmtk")
+    client = client_for(any_pacs)
+    whole = synthetic_catalog[0]
+    result = client.retrieve(whole.study_uid, tmp_path / "whole", receiver=receiver)
+    assert (result.received, result.expected, result.status) == (33, 33, 0x0000)
+    assert_delivered(tmp_path / "whole", set(whole.sop_instance_uids()), source_by_sop)
+    study = synthetic_catalog[2]
+    chosen = [s for s in study.series if s.number in (2, 999)]
+    result = client.retrieve(study.study_uid, tmp_path / "chosen", series_uids=[s.uid for s in chosen],
+                             receiver=receiver)
+    assert (result.received, result.expected) == (21, 21)
+    assert_delivered(tmp_path / "chosen", {u for s in chosen for u in s.sop_instance_uids()}, source_by_sop)
+    assert not list(_incoming(receiver).iterdir())  # nothing left behind
+
+
+def test_storescp_concurrent_retrievals_each_get_their_own_study(
+    orthanc: RunningPacs,
+    make_receiver: Callable[..., StorageSCP],
+    synthetic_catalog: list[SyntheticStudy],
+    source_by_sop: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    """Every study's files land in one directory; each retrieval takes exactly its own."""
+    receiver = make_receiver(orthanc, engine="dcmtk")
+    client = client_for(orthanc, max_associations=4)
+    studies = [synthetic_catalog[i] for i in (0, 2, 6, 7)]
+    errors: list[BaseException] = []
+
+    def fetch(study: SyntheticStudy) -> None:
+        try:
+            client.retrieve(study.study_uid, tmp_path / study.study_uid, receiver=receiver)
+        except BaseException as exc:  # reported below, with the study
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fetch, args=(s,)) for s in studies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for study in studies:
+        assert_delivered(tmp_path / study.study_uid, set(study.sop_instance_uids()), source_by_sop)
+    assert receiver.refused_unexpected == 0
+
+
+def test_storescp_expected_more_than_delivered_is_incomplete(
+    orthanc: RunningPacs, make_receiver: Callable[..., StorageSCP], synthetic_catalog: list[SyntheticStudy], tmp_path: Path
+) -> None:
+    receiver = make_receiver(orthanc, engine="dcmtk")
+    study = synthetic_catalog[6]
+    with pytest.raises(IncompleteRetrieveError, match=r"15 of 16 instance\(s\) arrived.*gave up after 2 attempts"):
+        client_for(orthanc).retrieve(study.study_uid, tmp_path / "out", expected=16, receiver=receiver)
+    assert len(list((tmp_path / "out").glob("*.dcm"))) == 15
+
+
+def test_storescp_deletes_instances_of_studies_not_expected(
+    make_receiver: Callable[..., StorageSCP], orthanc: RunningPacs, synthetic_files: list[Path], tmp_path: Path
+) -> None:
+    receiver = make_receiver(orthanc, engine="dcmtk")
+    source, other = synthetic_files[0], synthetic_files[-1]
+    study = str(dcmread(source, stop_before_pixels=True).StudyInstanceUID)
+    assert _store(receiver.port, orthanc.ae_title, other) == 0x0000  # storescp takes anything...
+    with receiver.expect(study, tmp_path / "in") as receipt:
+        assert _store(receiver.port, orthanc.ae_title, source) == 0x0000
+        _settle(receipt)
+    assert (receipt.received, receipt.refused) == (1, 0)
+    assert receiver.refused_unexpected == 1  # ...and what no retrieval expects is deleted on sight
+    assert not list(_incoming(receiver).iterdir())
+    [stored] = receipt.files
+    assert stored.read_bytes()[128:132] == b"DICM" and dcmread(stored) == dcmread(source)
+
+
+def test_storescp_oversize_instances_fail_the_study(
+    make_receiver: Callable[..., StorageSCP], orthanc: RunningPacs, tmp_path: Path
+) -> None:
+    [study] = bench_catalog(1, 1, 1)
+    [big] = write_studies([study], tmp_path / "big", rows=1024, columns=1024)  # 2 MiB of pixels
+    receiver = make_receiver(orthanc, engine="dcmtk", max_instance_mb=1)
+    with receiver.expect(study.study_uid, tmp_path / "in") as receipt:
+        assert _store(receiver.port, orthanc.ae_title, big) == 0x0000  # checked after arrival...
+        _settle(receipt)
+    assert (receipt.received, receipt.refused_oversize) == (0, 1)  # ...which the PACS client judges
+    assert not list((tmp_path / "in").glob("*")) and not list(_incoming(receiver).iterdir())
+
+
+def test_storescp_unreadable_files_are_deleted_once_nothing_writes_them(
+    make_receiver: Callable[..., StorageSCP], orthanc: RunningPacs, synthetic_files: list[Path], tmp_path: Path
+) -> None:
+    receiver = make_receiver(orthanc, engine="dcmtk")
+    incoming = _incoming(receiver)
+    arriving, stale = incoming / "CT.1.2.3", incoming / "CT.1.2.4"
+    for path in (arriving, stale):
+        path.write_bytes(b"\x00" * 200)  # no DICM, no data set: what a half-written file looks like
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    study = str(dcmread(synthetic_files[0], stop_before_pixels=True).StudyInstanceUID)
+    with receiver.expect(study, tmp_path / "in") as receipt:
+        _settle(receipt)
+    assert arriving.exists() and not stale.exists()
+    assert receiver.refused_unreadable == 1
+
+
+def test_storescp_never_lets_dicom_values_into_paths(
+    make_receiver: Callable[..., StorageSCP], orthanc: RunningPacs, synthetic_files: list[Path], tmp_path: Path
+) -> None:
+    receiver = make_receiver(orthanc, engine="dcmtk")
+    ds = dcmread(synthetic_files[0])
+    inbox = tmp_path / "a" / "b"
+    for hostile in ("../../evil", "1.2.abc"):
+        ds["SOPInstanceUID"] = DataElement(0x00080018, "UI", hostile, validation_mode=pydicom_config.IGNORE)
+        with receiver.expect(str(ds.StudyInstanceUID), inbox) as receipt, warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # pydicom warns while *we* send the bad UID
+            _store(receiver.port, orthanc.ae_title, ds)  # storescp may refuse it: either is fine
+            _settle(receipt)
+    assert isinstance(receiver, DcmtkStorageSCP)
+    escaped = [p for p in tmp_path.rglob("*") if p.is_file() and receiver.staging_root not in p.parents
+               and inbox not in p.parents and p != receiver.log_path]
+    assert not escaped
+    for path in inbox.glob("*"):
+        assert path.name.startswith("x") and set(path.name[1:-4]) <= set("0123456789abcdef")
+
+
+def test_storescp_that_died_is_started_again(
+    make_receiver: Callable[..., StorageSCP],
+    orthanc: RunningPacs,
+    synthetic_catalog: list[SyntheticStudy],
+    source_by_sop: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    receiver = make_receiver(orthanc, engine="dcmtk")
+    assert isinstance(receiver, DcmtkStorageSCP) and receiver._process is not None
+    os.killpg(receiver._process.pid, signal.SIGKILL)
+    receiver._process.wait()
+    assert not receiver.alive
+    study = synthetic_catalog[6]
+    result = client_for(orthanc).retrieve(study.study_uid, tmp_path / "out", receiver=receiver)
+    assert result.received == 15 and receiver.alive
+    assert_delivered(tmp_path / "out", set(study.sop_instance_uids()), source_by_sop)
+
+
+def test_storescp_start_failures_say_what_to_do(
+    make_receiver: Callable[..., StorageSCP], orthanc: RunningPacs, tmp_path: Path
+) -> None:
+    with pytest.raises(PacsError, match=r"'no-such-storescp' was not found: install DCMTK"):
+        make_receiver(orthanc, engine="dcmtk", storescp="no-such-storescp")
+    busy = socket.create_server(("0.0.0.0", 0))  # storescp binds every interface
+    try:
+        with pytest.raises(PacsError, match=r"storescp .*stopped at start: .*check receiver.port"):
+            make_receiver(orthanc, engine="dcmtk", port=busy.getsockname()[1])
+    finally:
+        busy.close()
+
+
+def test_storescp_pacs_killed_mid_move_then_resumed(
+    make_pacs: Callable[..., RunningPacs],
+    make_receiver: Callable[..., StorageSCP],
+    big_study: tuple[SyntheticStudy, list[Path]],
+    tmp_path: Path,
+) -> None:
+    study, files = big_study
+    pacs = make_pacs("orthanc", load=files)
+    receiver = make_receiver(pacs, engine="dcmtk")
+    watcher = _after_files(_incoming(receiver), 10, pacs.kill)
+    with pytest.raises(RetriablePacsError, match=r"of 120 instance\(s\) arrived"):
+        client_for(pacs, retries=0).retrieve(study.study_uid, tmp_path / "out", receiver=receiver)
+    watcher.join()
+    pacs.restart()  # a retry completes and duplicates nothing; the first attempt's files are not trusted
+    result = client_for(pacs).retrieve(study.study_uid, tmp_path / "out", receiver=receiver)
+    assert result.received == 120
+    names = {p.name for p in (tmp_path / "out").glob("*.dcm")}
+    assert names == {instance_file_name(u) for u in study.sop_instance_uids()}

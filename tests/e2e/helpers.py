@@ -28,6 +28,7 @@ def write_config(
     receiver_port: int,
     *,
     retrieve: str = "c-move",
+    engine: str = "pynetdicom",
     projects: dict[str, dict[str, Any]] | None = None,
     pacs_extra: dict[str, Any] | None = None,
     service: dict[str, Any] | None = None,
@@ -37,7 +38,7 @@ def write_config(
     data = {
         "xnat": {"url": xcfg.url, "user": xcfg.user, "password_file": xcfg.password_file,
                  "timeout": 60},
-        "receiver": {"ae_title": PACS_RECEIVER_AE, "host": "127.0.0.1", "port": receiver_port},
+        "receiver": {"ae_title": PACS_RECEIVER_AE, "host": "127.0.0.1", "port": receiver_port, "engine": engine},
         "pacs": {pacs.kind: {"ae_title": pacs.ae_title, "host": pacs.host, "port": pacs.port,
                              "retrieve": retrieve, "max_associations": 2, "retries": 1,
                              "retry_backoff": 0.1,

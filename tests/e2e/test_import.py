@@ -47,8 +47,8 @@ def _expected(catalog):
     }
 
 
-def _run_import(tmp_path, pacs, xnat_emulator, port, csv_text, retrieve="c-move"):
-    config = load(write_config(tmp_path, pacs, xnat_emulator, port, retrieve=retrieve))
+def _run_import(tmp_path, pacs, xnat_emulator, port, csv_text, retrieve="c-move", engine="pynetdicom"):
+    config = load(write_config(tmp_path, pacs, xnat_emulator, port, retrieve=retrieve, engine=engine))
     csv_path = tmp_path / "batch.csv"
     csv_path.write_text(csv_text, encoding="utf-8")
     with Service(config) as service:
@@ -58,12 +58,13 @@ def _run_import(tmp_path, pacs, xnat_emulator, port, csv_text, retrieve="c-move"
 
 
 @pytest.mark.parametrize("kind", ["orthanc", "dcmqrscp", "qrscp"])
-@pytest.mark.parametrize("retrieve", ["c-move", "c-get"])
+@pytest.mark.parametrize(("retrieve", "engine"), [("c-move", "pynetdicom"), ("c-move", "dcmtk"), ("c-get", "pynetdicom")],
+                         ids=["c-move", "c-move-storescp", "c-get"])
 def test_import_lands_relabeled_studies_with_dqr_labels(
-    request, kind, retrieve, xnat_emulator, pacs_receiver_port, synthetic_catalog, synthetic_files, tmp_path
+    request, kind, retrieve, engine, xnat_emulator, pacs_receiver_port, synthetic_catalog, synthetic_files, tmp_path
 ):
     any_pacs = request.getfixturevalue(kind)
-    job, report = _run_import(tmp_path, any_pacs, xnat_emulator, pacs_receiver_port, CSV, retrieve)
+    job, report = _run_import(tmp_path, any_pacs, xnat_emulator, pacs_receiver_port, CSV, retrieve, engine)
     expected = _expected(synthetic_catalog)
     lines = {entry["line"]: entry for entry in report["lines"]}
     assert lines[6]["status"] == "no-match"

@@ -109,7 +109,7 @@ def test_minimal_config_gets_every_default() -> None:
     assert config.xnat == XnatConfig(url="https://xnat.example.org", user="", password_env=None,
                                      password_file=None, verify_tls=True, ca_bundle=None, timeout=300.0)
     assert config.receiver == ReceiverConfig(ae_title="DQRXNAT", host="0.0.0.0", port=11113,
-                                             max_instance_mb=2048)
+                                             max_instance_mb=2048, engine="pynetdicom", storescp="storescp")
     assert config.pacs["hospital"] == PacsConfig(
         name="hospital", ae_title="PACS1", host="10.1.2.3", port=104, calling_ae_title="DQRXNAT",
         retrieve=RetrieveMethod.C_MOVE, max_associations=2,
@@ -150,7 +150,8 @@ xnat:
   verify_tls: false
   ca_bundle: /etc/ssl/ca.pem
   timeout: 12
-receiver: {ae_title: RECV, host: 127.0.0.1, port: 4242, max_instance_mb: 64}
+receiver: {ae_title: RECV, host: 127.0.0.1, port: 4242, max_instance_mb: 64, engine: dcmtk,
+           storescp: /opt/dcmtk/bin/storescp}
 pacs:
   main:
     ae_title: MAINPACS
@@ -196,7 +197,8 @@ def test_every_key_is_read(tmp_path: Path) -> None:
     assert config.xnat == XnatConfig(url="https://xnat.example.org", user="svc", password_env=None,
                                      password_file="/run/secrets/xnat", verify_tls=False,
                                      ca_bundle="/etc/ssl/ca.pem", timeout=12.0)
-    assert config.receiver == ReceiverConfig(ae_title="RECV", host="127.0.0.1", port=4242, max_instance_mb=64)
+    assert config.receiver == ReceiverConfig(ae_title="RECV", host="127.0.0.1", port=4242, max_instance_mb=64,
+                                             engine="dcmtk", storescp="/opt/dcmtk/bin/storescp")
     assert config.pacs["main"] == PacsConfig(
         name="main", ae_title="MAINPACS", host="pacs.local", port=11112, calling_ae_title="CALLER",
         retrieve=RetrieveMethod.C_GET, max_associations=4,
@@ -234,7 +236,7 @@ def test_unknown_pacs_in_project_names_its_path() -> None:
 def test_every_problem_is_reported_in_one_pass() -> None:
     data = {
         "xnat": {"url": "xnat.example.org", "verfiy_tls": True, "timeout": 0},
-        "receiver": {"port": 70000, "ae_title": "A\\B"},
+        "receiver": {"port": 70000, "ae_title": "A\\B", "engine": "storescp", "storescp": " "},
         "pacs": {
             "hospital": {"host": "h", "port": "104", "retrieve": "c-find", "max_associations": 0,
                          "timeouts": {"dimse": -1}, "retries": -1,
@@ -254,6 +256,8 @@ def test_every_problem_is_reported_in_one_pass() -> None:
         "xnat.timeout: must be greater than 0",
         "receiver.ae_title: must be 1-16 printable ASCII characters without backslash",
         "receiver.port: must be a TCP port between 1 and 65535",
+        "receiver.engine: must be 'pynetdicom' or 'dcmtk'",
+        "receiver.storescp: must not be empty",
         "pacs.hospital.retrieve: must be 'c-move' or 'c-get'",
         "pacs.hospital.timeouts.dimse: must be greater than 0",
         "pacs.hospital.availability[0].days: unknown weekday 'xyz'; use mon, tue, wed, thu, fri, sat, sun",

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import re
 import tomllib
 from collections.abc import Iterator
 from dataclasses import replace
@@ -299,6 +300,14 @@ def test_service_image_runs_the_console_script_as_non_root(
     user = only(service_dockerfile, "USER").split(":")[0]
     assert user not in ("root", "0", "")
     assert any(kw == "RUN" and "pip install ." in args for kw, args in service_dockerfile)
+
+
+def test_service_image_has_storescp_for_the_dcmtk_receiver(service_dockerfile: list[Instruction]) -> None:
+    """receiver.engine: dcmtk runs `storescp`: the image must carry DCMTK, installed before USER drops root."""
+    keywords = [kw for kw, _ in service_dockerfile]
+    installs = [i for i, (kw, args) in enumerate(service_dockerfile)
+                if kw == "RUN" and re.search(r"apt-get install\b.*\bdcmtk\b", args)]
+    assert installs and installs[0] < keywords.index("USER")
 
 
 def test_service_image_healthcheck_runs_the_copied_script(service_dockerfile: list[Instruction]) -> None:
