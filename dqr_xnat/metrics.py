@@ -2,8 +2,8 @@
 
 State gauges (jobs, rows, studies by state) are read from the job store at scrape time, so they are
 right even after a restart; throughput and latency are counters and histograms the pipeline feeds.
-``/health`` answers 200 when XNAT and every PACS answer, 503 otherwise, with a JSON body saying
-which did not. Labels never carry PHI: only PACS names, projects, states and error kinds.
+``/health`` answers 200 when XNAT and every PACS answer and our C-MOVE receiver runs, 503
+otherwise, with a JSON body saying which did not. Labels never carry PHI: only PACS names, projects, states and error kinds.
 """
 
 from __future__ import annotations

@@ -148,7 +148,7 @@ class Service:
         self.store.close()
 
     def health(self) -> dict[str, object]:
-        """Whether XNAT and each PACS answer now (C-ECHO; XNAT's session check)."""
+        """Whether XNAT and each PACS answer now (C-ECHO; XNAT's session check), and our receiver runs."""
         report: dict[str, object] = {}
         try:
             self.xnat.projects()
@@ -162,7 +162,11 @@ class Service:
             except (DqrError, OSError) as exc:
                 pacs_report[pacs.name] = f"error: {exc}"
         report["pacs"] = pacs_report
-        report["ok"] = report["xnat"] == "ok" and all(v.startswith("ok") for v in pacs_report.values())
+        if self.receiver is not None:
+            problem = self.receiver.problem()
+            report["receiver"] = "ok" if problem is None else f"error: {problem}"
+        report["ok"] = (report["xnat"] == "ok" and all(v.startswith("ok") for v in pacs_report.values())
+                        and report.get("receiver", "ok") == "ok")
         return report
 
     def _open_associations(self) -> dict[str, int]:

@@ -620,6 +620,10 @@ class StorageSCP:
         """Start the server thread; a hook, so a worker process can serve a socket shared by several."""
         return ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
 
+    def problem(self) -> str | None:
+        """Why the receiver cannot take C-MOVEs now, for /health; None when it can."""
+        return None if self.running else f"receiver {self.ae_title} is not listening"
+
     def stop(self) -> None:
         """Stop listening and abort associations still open (pynetdicom's shutdown leaves them)."""
         server, self._server = self._server, None

@@ -89,6 +89,7 @@ class DcmtkStorageSCP(StorageSCP):
         self.log_path = self.staging_root.parent / "storescp.log"  # staging holds only instances
         self._process: subprocess.Popen[bytes] | None = None
         self._collect_lock = threading.Lock()
+        self._start_lock = threading.Lock()
         self._headers: dict[str, _Incoming] = {}  # file name in incoming -> its UIDs, read once
 
     @property
@@ -104,26 +105,36 @@ class DcmtkStorageSCP(StorageSCP):
     def port(self) -> int:
         return self.config.port
 
+    def problem(self) -> str | None:
+        if not self.alive:
+            return (f"storescp (receiver {self.ae_title}) is not running ({self._log_tail()}); "
+                    "it is started again at the next retrieval")
+        return None
+
     def start(self) -> DcmtkStorageSCP:
-        if self.alive:
-            return self
+        with self._start_lock:  # concurrent retrievals may all find it dead: one restart
+            if not self.alive:
+                self._start()
+        return self
+
+    def _start(self) -> None:
         executable = shutil.which(self.config.storescp)
         if executable is None:
             raise PacsError(f"receiver.engine is dcmtk but '{self.config.storescp}' was not found: {INSTALL_HINT}, "
                             "or use receiver.engine: pynetdicom")
-        if self.config.host not in ("0.0.0.0", "::", ""):
-            log.warning("receiver.host %s is not used by storescp, which listens on every interface: "
-                        "firewall port %d so that only the PACS reach it", self.config.host, self.port)
-        self.incoming.mkdir(parents=True, exist_ok=True)
-        self._discard_leftovers()
+        if self._process is None:  # the first start, not a restart while retrievals run
+            if self.config.host not in ("0.0.0.0", "::", ""):
+                log.warning("receiver.host %s is not used by storescp, which listens on every interface: "
+                            "firewall port %d so that only the PACS reach it", self.config.host, self.port)
+            self.incoming.mkdir(parents=True, exist_ok=True)
+            self._discard_leftovers()
         self._process = self._spawn(executable)
         try:
             self._wait_ready()
         except BaseException:
-            self.stop()
+            _terminate(self._process)  # still "running": the next retrieval tries again
             raise
         log.info("receiver %s: storescp listening on port %d", self.ae_title, self.port)
-        return self
 
     def _spawn(self, executable: str) -> subprocess.Popen[bytes]:
         command = [
@@ -179,30 +190,22 @@ class DcmtkStorageSCP(StorageSCP):
     def stop(self) -> None:
         """Stop storescp and the children it forked (associations still open are cut)."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT_SECONDS), (signal.SIGKILL, None)):
-            try:
-                os.killpg(process.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                process.wait(wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        if process is not None:
+            _terminate(process)
 
     @contextmanager
     def expect(self, study_instance_uid: str, directory: Path) -> Iterator[StudyReceipt]:
         """As :meth:`StorageSCP.expect`; restarts storescp first if it died."""
-        if self.running and not self.alive:
-            log.error("receiver %s: storescp is not running (%s); starting it again", self.ae_title, self._log_tail())
-            self.start()
-        try:
-            with super().expect(study_instance_uid, directory) as receipt:
+        with self._start_lock:  # also waits for a restart another retrieval is making
+            if self.running and not self.alive:
+                log.error("receiver %s: storescp is not running (%s); starting it again",
+                          self.ae_title, self._log_tail())
+                self._start()
+        with super().expect(study_instance_uid, directory) as receipt:
+            try:
                 yield receipt
-        finally:  # what was not collected came from an attempt that failed: not to be trusted
-            self._sweep(study_instance_uid, None)
+            finally:  # what was not collected came from an attempt that failed: not to be trusted
+                self._sweep(study_instance_uid, None)
 
     def _new_receipt(self, study_instance_uid: str, directory: Path) -> StudyReceipt:
         return _CollectingReceipt(self, study_instance_uid, directory,
@@ -273,3 +276,19 @@ class DcmtkStorageSCP(StorageSCP):
             if entry.is_file(follow_symlinks=False):
                 Path(entry.path).unlink(missing_ok=True)
         self._headers.clear()
+
+
+def _terminate(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL, to storescp's whole session (its --fork children too)."""
+    if process.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT_SECONDS), (signal.SIGKILL, None)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue

@@ -798,3 +798,19 @@ def test_storescp_pacs_killed_mid_move_then_resumed(
     assert result.received == 120
     names = {p.name for p in (tmp_path / "out").glob("*.dcm")}
     assert names == {instance_file_name(u) for u in study.sop_instance_uids()}
+
+
+def test_storescp_study_already_being_retrieved_is_left_alone(
+    make_receiver: Callable[..., StorageSCP], orthanc: RunningPacs, synthetic_files: list[Path], tmp_path: Path
+) -> None:
+    """A second job asking for the same study waits its turn; the first one's files stay."""
+    receiver = make_receiver(orthanc, engine="dcmtk")
+    source = synthetic_files[0]
+    study = str(dcmread(source, stop_before_pixels=True).StudyInstanceUID)
+    with receiver.expect(study, tmp_path / "first") as receipt:
+        assert _store(receiver.port, orthanc.ae_title, source) == 0x0000
+        with pytest.raises(RetriablePacsError, match="already being retrieved"):
+            with receiver.expect(study, tmp_path / "second"):
+                pass
+        _settle(receipt)
+    assert receipt.received == 1

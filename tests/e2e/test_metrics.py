@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 import urllib.error
@@ -50,6 +52,7 @@ def test_metrics_scraped_during_an_import_and_health(
         assert status == 200, body
         health = json.loads(body)
         assert health["xnat"] == "ok" and health["pacs"]["orthanc"].startswith("ok")
+        assert health["receiver"] == "ok"
 
         worker = threading.Thread(target=service.serve, kwargs={"once": True})
         worker.start()
@@ -68,3 +71,26 @@ def test_metrics_scraped_during_an_import_and_health(
     assert _value(final, "dqr_xnat_bytes_total", stage="retrieved", pacs="orthanc") > 0
     assert _value(final, "dqr_xnat_pacs_operation_seconds_count", pacs="orthanc", operation="c-move") == 2
     assert "PatientName" not in final and "ACC0101" not in final
+
+
+def test_health_reports_a_dead_storescp_and_the_next_import_starts_it_again(
+    orthanc, synthetic_catalog, xnat_emulator, pacs_receiver_port, tmp_path
+):
+    """receiver.engine dcmtk: /health watches the storescp process; a retrieval brings it back."""
+    config = load(write_config(tmp_path, orthanc, xnat_emulator, pacs_receiver_port, engine="dcmtk",
+                               service={"metrics_port": 0}))
+    xnat_emulator.put_resource_file(XNAT_PROJECT, "DQR", "batch.csv", CSV.encode())
+    with Service(config) as service:
+        base = f"http://127.0.0.1:{service.metrics_server.port}"
+        assert json.loads(_get(base + "/health")[1])["receiver"] == "ok"
+        process = service.receiver._process
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        status, body = _get(base + "/health")
+        assert status == 503
+        assert json.loads(body)["receiver"].startswith("error: storescp (receiver DQRTEST) is not running")
+        service.serve(once=True)
+        assert _get(base + "/health")[0] == 200
+        final = _get(base + "/metrics")[1]
+    assert _value(final, "dqr_xnat_studies", state="done") == 2
+    assert _value(final, "dqr_xnat_instances_total", stage="uploaded", pacs="orthanc") == 33 + 41

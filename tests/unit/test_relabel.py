@@ -4,6 +4,7 @@ Files come from pydicom's bundled test data (offline): explicit/implicit VR, big
 JPEG 2000 (encapsulated), deflated, and one without pixel data.
 """
 
+import io
 import shutil
 import zipfile
 from pathlib import Path
@@ -23,6 +24,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from dqr_xnat.adapters import dicom_files
 from dqr_xnat.adapters.dicom_files import STUDY_VALUE_KEYWORDS, read_study_values, relabel_file, zip_study
 from dqr_xnat.errors import RelabelError
 from dqr_xnat.model import RELABEL_KEYWORDS
@@ -420,3 +422,63 @@ def test_zip_of_a_missing_file_leaves_no_partial_zip(tmp_path):
     with pytest.raises(FileNotFoundError):
         zip_study([tmp_path / "missing.dcm"], tmp_path / "s.zip")
     assert not list(tmp_path.iterdir())
+
+
+def _pydicom_written(src: Path, plan: dict[str, str]) -> bytes:
+    """What pydicom's own writer makes of the relabeled header, plus the raw pixel tail."""
+    with open(src, "rb") as fp:
+        ds = dcmread(fp, stop_before_pixels=True)
+        tail = fp.read()
+    relabel_dataset(ds, plan)
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=False)
+    return out.getvalue() + tail
+
+
+def _after_meta(data: bytes) -> bytes:
+    meta = dcmread(io.BytesIO(data), stop_before_pixels=True).file_meta
+    return data[132 + 12 + int(meta.FileMetaInformationGroupLength):]
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_implicit.dcm", "MR_small_RLE.dcm", "JPEG2000.dcm",
+                                  "rtplan.dcm", "MR_small_bigendian.dcm"])
+@pytest.mark.parametrize("plan", [
+    FULL_PLAN,
+    {"PatientID": "P1"},  # removes the OtherPatientIDsSequence of CT_small.dcm
+    {"StudyID": ""},
+    {"AccessionNumber": "A" * 16, "PatientName": "O'BRIEN^PAT"},
+    {"PatientName": "MÜLLER^HANS"},  # Latin-1 where the file is, UTF-8 (a full rewrite) elsewhere
+], ids=["full", "patient-id", "empty", "limits", "non-ascii"])
+def test_spliced_header_is_what_pydicom_writes(tmp_path, monkeypatch, name, plan):
+    """The fast path copies untouched elements as read: byte for byte what pydicom would write."""
+    spliced: list[bool] = []
+    real = dicom_files._write_spliced
+
+    def spy(*args, **kwargs):
+        spliced.append(real(*args, **kwargs))
+        return spliced[-1]
+
+    monkeypatch.setattr(dicom_files, "_write_spliced", spy)
+    src = bundled(name)
+    relabel_file(src, tmp_path / "out.dcm", plan)
+    written = (tmp_path / "out.dcm").read_bytes()
+    assert _after_meta(written) == _after_meta(_pydicom_written(src, plan))
+    assert written[:132 + 12] == src.read_bytes()[:132 + 12]  # preamble and meta as received
+    charset_kept = dcmread(tmp_path / "out.dcm").get("SpecificCharacterSet") == dcmread(src).get(
+        "SpecificCharacterSet")
+    big_endian = name == "MR_small_bigendian.dcm"
+    assert spliced == [charset_kept and not big_endian]  # the fast path ran wherever it may
+    assert_only_planned_changes(src, tmp_path / "out.dcm", plan)
+
+
+def test_an_element_whose_offset_cannot_be_trusted_means_a_full_write(tmp_path, monkeypatch):
+    """Splicing needs every element's start: one that does not hold its tag falls back to pydicom."""
+    spliced: list[bool] = []
+    real = dicom_files._write_spliced
+    monkeypatch.setattr(dicom_files, "_element_start", lambda elem, implicit: (
+        elem.value_tell if isinstance(elem, dicom_files.RawDataElement) else elem.file_tell) - 8)
+    monkeypatch.setattr(dicom_files, "_write_spliced", lambda *a, **k: spliced.append(real(*a, **k)) or spliced[-1])
+    src = bundled("CT_small.dcm")  # explicit VR: the 12-byte headers of OB/SQ/UN... are now wrong
+    relabel_file(src, tmp_path / "out.dcm", FULL_PLAN)
+    assert spliced == [False]
+    assert _after_meta((tmp_path / "out.dcm").read_bytes()) == _after_meta(_pydicom_written(src, FULL_PLAN))
