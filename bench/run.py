@@ -101,13 +101,13 @@ BIG_LOAD = Load(1, 1, 2000, 512)  # 2000 x 512 x 512 x 2 bytes = 1.05 GB
 
 def dcmtk(tool: str) -> str:
     """The DCMTK binary, not pynetdicom's same-named app that a virtualenv puts first on PATH."""
-    for folder in os.environ.get("PATH", "").split(os.pathsep) + ["/usr/bin", "/usr/local/bin"]:
-        candidate = Path(folder) / tool
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            head = candidate.read_bytes()[:2]
-            if head != b"#!":  # a Python entry-point script is not DCMTK
-                return str(candidate)
-    raise SystemExit(f"DCMTK's {tool} is not installed (Debian: apt-get install dcmtk; `make setup` does it)")
+    from dqr_xnat.adapters.storescp import dcmtk_executable
+    from dqr_xnat.errors import PacsError
+
+    try:
+        return dcmtk_executable(tool)
+    except PacsError as exc:
+        raise SystemExit(f"{exc} (`make setup` installs DCMTK)") from None
 
 
 def machine(pacs: RunningPacs | None) -> dict[str, Any]:
@@ -324,8 +324,9 @@ def write_e2e_config(folder: Path, pacs: RunningPacs, emulator: Emulator, receiv
         service["workers"] = workers
     data = {
         "xnat": {"url": emulator.url, "user": XNAT_USER, "password_file": str(secret), "timeout": 600},
-        "receiver": {"ae_title": RECEIVER_AE, "host": HOST, "port": receiver_port, "engine": engine,
-                     "storescp": dcmtk("storescp")},
+        # storescp listens on every interface whatever receiver.host says (and warns if it is not 0.0.0.0)
+        "receiver": {"ae_title": RECEIVER_AE, "host": "0.0.0.0" if engine == "dcmtk" else HOST,
+                     "port": receiver_port, "engine": engine, "storescp": dcmtk("storescp")},
         "pacs": {"orthanc": {"ae_title": pacs.ae_title, "host": pacs.host, "port": pacs.port,
                              "retrieve": retrieve, "max_associations": associations, "retries": 1,
                              "retry_backoff": 1}},
@@ -401,7 +402,8 @@ class TreeSampler:
                 try:
                     rss += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
                     pss += _pss(pid)
-                    self.cpu_ticks[pid] = cpu_ticks(pid)
+                    # the root's reaped children are its worker processes, sampled on their own
+                    self.cpu_ticks[pid] = cpu_ticks(pid, reaped=pid != self.pid)
                 except (OSError, ValueError, IndexError):
                     continue
             self.peak_rss = max(self.peak_rss, rss)
@@ -419,14 +421,14 @@ def _tree(pid: int) -> Iterator[int]:
         yield from _tree(int(child))
 
 
-def cpu_ticks(pid: int) -> int:
-    """User + system CPU time of one process and of its children it has reaped, in clock ticks.
+def cpu_ticks(pid: int, reaped: bool = True) -> int:
+    """User + system CPU time of one process (and of the children it has reaped), in clock ticks.
 
     The reaped children count because ``storescp --fork`` (receiver.engine dcmtk) forks one short-lived
     process per association.
     """
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(f) for f in fields[11:15])
+    return sum(int(f) for f in fields[11:15 if reaped else 13])
 
 
 def tree_cpu_seconds(pid: int) -> float:

@@ -625,12 +625,18 @@ class StorageSCP:
         return None if self.running else f"receiver {self.ae_title} is not listening"
 
     def stop(self) -> None:
-        """Stop listening and abort associations still open (pynetdicom's shutdown leaves them)."""
+        """Stop listening and abort associations still open (pynetdicom's shutdown leaves them).
+
+        Only established ones: a connection that has not sent its A-ASSOCIATE-RQ yet (a health
+        check's bare TCP connect) cannot be aborted (pynetdicom raises InvalidEventError in its
+        reactor thread); it ends with its close or pynetdicom's ARTIM timer.
+        """
         server, self._server = self._server, None
         if server is not None:
             server.shutdown()
             for assoc in list(server.ae.active_associations):
-                assoc.abort()
+                if assoc.is_established:
+                    assoc.abort()
         self._restore_tempdir()
 
     @contextmanager

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -57,7 +56,6 @@ STOP_TIMEOUT_SECONDS = 5.0
 UNREADABLE_AFTER_SECONDS = 120.0
 #: storescp's largest receive PDU: fewer, larger PDUs from the PACS.
 MAX_PDU = 131072
-INSTALL_HINT = "install DCMTK (Debian: apt-get install dcmtk) or set receiver.storescp to its path"
 
 
 class _CollectingReceipt(StudyReceipt):
@@ -118,11 +116,13 @@ class DcmtkStorageSCP(StorageSCP):
         return self
 
     def _start(self) -> None:
-        executable = shutil.which(self.config.storescp)
-        if executable is None:
-            raise PacsError(f"receiver.engine is dcmtk but '{self.config.storescp}' was not found: {INSTALL_HINT}, "
-                            "or use receiver.engine: pynetdicom")
-        if self._process is None:  # the first start, not a restart while retrievals run
+        try:
+            executable = dcmtk_executable(self.config.storescp)
+        except PacsError as exc:
+            raise PacsError(f"receiver.engine is dcmtk but {exc}, or set receiver.storescp to its path, "
+                            "or use receiver.engine: pynetdicom") from None
+        first = self._process is None  # not a restart while retrievals run
+        if first:
             if self.config.host not in ("0.0.0.0", "::", ""):
                 log.warning("receiver.host %s is not used by storescp, which listens on every interface: "
                             "firewall port %d so that only the PACS reach it", self.config.host, self.port)
@@ -132,8 +132,10 @@ class DcmtkStorageSCP(StorageSCP):
         try:
             self._wait_ready()
         except BaseException:
-            _terminate(self._process)  # still "running": the next retrieval tries again
-            raise
+            _terminate(self._process)
+            if first:
+                self._process = None
+            raise  # after a restart, still "running": the next retrieval tries again
         log.info("receiver %s: storescp listening on port %d", self.ae_title, self.port)
 
     def _spawn(self, executable: str) -> subprocess.Popen[bytes]:
@@ -276,6 +278,29 @@ class DcmtkStorageSCP(StorageSCP):
             if entry.is_file(follow_symlinks=False):
                 Path(entry.path).unlink(missing_ok=True)
         self._headers.clear()
+
+
+def dcmtk_executable(name: str) -> str:
+    """The DCMTK program ``name`` (a path, or a name looked up on PATH), skipping scripts.
+
+    pynetdicom installs Python apps with DCMTK's names (``storescp``, ...) beside the Python it is
+    installed for, which is often first on PATH (a virtualenv, ``/usr/local/bin`` in the Docker
+    image): those take other options, and cost the CPU this engine exists to save.
+    """
+    if os.sep in name:
+        candidates = [Path(name)]
+    else:
+        candidates = [Path(folder) / name for folder in os.environ.get("PATH", os.defpath).split(os.pathsep) if folder]
+    scripts = []
+    for path in candidates:
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            continue
+        with open(path, "rb") as fh:
+            if fh.read(2) != b"#!":
+                return str(path)
+        scripts.append(str(path))
+    found = f" ({', '.join(scripts)} is a script, not DCMTK's program)" if scripts else ""
+    raise PacsError(f"DCMTK's '{name}' was not found{found}: install DCMTK (Debian: apt-get install dcmtk)")
 
 
 def _terminate(process: subprocess.Popen[bytes]) -> None:

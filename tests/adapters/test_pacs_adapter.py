@@ -39,7 +39,7 @@ from dqr_xnat.adapters.pacs import (
     StorageSCP,
     instance_file_name,
 )
-from dqr_xnat.adapters.storescp import DcmtkStorageSCP
+from dqr_xnat.adapters.storescp import DcmtkStorageSCP, dcmtk_executable
 from dqr_xnat.config import PacsConfig, ReceiverConfig, Timeouts
 from dqr_xnat.errors import IncompleteRetrieveError, PacsError, RetriableError, RetriablePacsError
 from dqr_xnat.model import CsvRow, RetrieveMethod, SeriesFilter
@@ -770,7 +770,8 @@ def test_storescp_that_died_is_started_again(
 def test_storescp_start_failures_say_what_to_do(
     make_receiver: Callable[..., StorageSCP], orthanc: RunningPacs, tmp_path: Path
 ) -> None:
-    with pytest.raises(PacsError, match=r"'no-such-storescp' was not found: install DCMTK"):
+    with pytest.raises(PacsError, match=r"engine is dcmtk but DCMTK's 'no-such-storescp' was not found: "
+                                        r"install DCMTK .*set receiver.storescp"):
         make_receiver(orthanc, engine="dcmtk", storescp="no-such-storescp")
     busy = socket.create_server(("0.0.0.0", 0))  # storescp binds every interface
     try:
@@ -814,3 +815,18 @@ def test_storescp_study_already_being_retrieved_is_left_alone(
                 pass
         _settle(receipt)
     assert receipt.received == 1
+
+
+def test_storescp_is_dcmtks_program_not_pynetdicoms_same_named_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pynetdicom installs a Python `storescp` beside its Python, often first on PATH: skip it."""
+    real = dcmtk_executable("storescp")
+    scripts = tmp_path / "venv-bin"
+    scripts.mkdir()
+    (scripts / "storescp").write_text("#!/usr/bin/env python3\nprint('pynetdicom')\n")
+    (scripts / "storescp").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{scripts}{os.pathsep}{Path(real).parent}")
+    assert dcmtk_executable("storescp") == str(Path(real).parent / "storescp")
+    monkeypatch.setenv("PATH", str(scripts))
+    with pytest.raises(PacsError, match=r"storescp is a script, not DCMTK's program\): install DCMTK"):
+        dcmtk_executable("storescp")
+    assert dcmtk_executable(real) == real  # a path is taken as it is
