@@ -120,16 +120,17 @@ def _element_start(elem: DataElement | RawDataElement, implicit: bool) -> int | 
 
 def _write_spliced(ds: FileDataset, before: Mapping[BaseTag, Any], fp: BinaryIO, tail: int,
                    out: BinaryIO) -> bool:
-    """Write preamble, file meta and header of the relabeled ``ds``, False if it cannot be spliced.
+    """Write preamble, file meta and header of the relabeled ``ds``; False if it cannot be spliced.
 
-    Why: pydicom spends ~1.3 ms re-encoding a ~50-element header (pacs-notes §7: writing the header
-    is the main cost), for the four or five elements a relabel touches. The result is the bytes pydicom's own writer produces
-    (tests/unit/test_relabel.py holds them to that): an element left untouched is written as the
-    raw bytes it was read from, which is what pydicom writes for a raw element, and retired group
-    lengths are dropped as pydicom drops them; a touched or new element is encoded by pydicom's
-    ``write_data_element``, as is every element pydicom had already converted (empty ones are, on
-    reading) since it may have been changed in place. Preamble and file meta are copied as received. Not when the character
-    set or the encoding changes (pydicom re-encodes every text element then).
+    Why: pydicom spends ~1.3 ms re-encoding a ~50-element header (pacs-notes §7: writing the
+    header is the main cost), for the four or five elements a relabel touches. The result is the
+    bytes pydicom's own writer produces (tests/unit/test_relabel.py holds it to that): an element
+    left untouched is written as the raw bytes it was read from, which is what pydicom writes for
+    a raw element, and retired group lengths are dropped as pydicom drops them; a touched or new
+    element is encoded by pydicom's ``write_data_element``, and so is every element pydicom had
+    already converted (empty ones are, on reading), since it may have been changed in place.
+    Preamble and file meta are copied as received. Not when the character set or the byte order
+    changes: pydicom re-encodes every text element then.
     """
     implicit, little = ds.original_encoding
     if not little or ds.original_character_set != ds._character_set:
@@ -146,7 +147,7 @@ def _write_spliced(ds: FileDataset, before: Mapping[BaseTag, Any], fp: BinaryIO,
     ends = {tag: starts[nxt] for tag, nxt in zip(order, order[1:])} | {order[-1]: tail}
     fp.seek(0)
     raw = fp.read(tail)
-    if any(raw[start:start + 4] != struct.pack("<HH", tag.group, tag.element) for tag, start in starts.items()):
+    if any(raw[at:at + 4] != struct.pack("<HH", tag.group, tag.element) for tag, at in starts.items()):
         return False  # a header length guessed wrong (e.g. a UN element pydicom gave its real VR)
     buffer = DicomBytesIO()
     buffer.is_implicit_VR, buffer.is_little_endian = bool(implicit), True
@@ -156,7 +157,7 @@ def _write_spliced(ds: FileDataset, before: Mapping[BaseTag, Any], fp: BinaryIO,
         if tag.element == 0 and tag.group > 6:  # retired group length: pydicom does not write it
             continue
         elem = ds.get_item(tag)
-        if isinstance(elem, RawDataElement) and elem is before.get(tag):  # a converted one may have changed
+        if isinstance(elem, RawDataElement) and elem is before.get(tag):
             buffer.write(raw[starts[tag]:ends[tag]])
         else:
             write_data_element(buffer, elem, encodings)

@@ -21,7 +21,9 @@ its C-STORE requests was answered, and ``storescp`` answers after the file is wr
 the final response is in, the study's files are complete: the study's receipt then reads three
 UIDs from the header of each new file (once per file), moves the study's files into its
 directory and records them (:meth:`DcmtkStorageSCP.collect`). Files of studies still in progress
-are left where they are.
+are left where they are. After an attempt that failed (the PACS aborted, a timeout), the study's
+files are deleted, since one may have been cut short while written: the retry asks for the whole
+study (or the chosen series) again instead of only the short series.
 """
 
 from __future__ import annotations
@@ -230,7 +232,10 @@ class DcmtkStorageSCP(StorageSCP):
                 if not entry.is_file(follow_symlinks=False):
                     continue
                 seen.add(entry.name)
-                item = self._header(entry)
+                try:
+                    item = self._header(entry)
+                except FileNotFoundError:  # storescp replaced it under us: the next sweep reads it
+                    continue
                 if item is None:
                     continue
                 if item.study_instance_uid == study_instance_uid:
@@ -304,16 +309,13 @@ def dcmtk_executable(name: str) -> str:
 
 
 def _terminate(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL, to storescp's whole session (its --fork children too)."""
-    if process.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT_SECONDS), (signal.SIGKILL, None)):
+    """SIGTERM, then SIGKILL, to storescp's whole session: its --fork children outlive it otherwise."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
-            break
+            return  # nobody left in the session
         try:
-            process.wait(wait)
-            break
+            process.wait(STOP_TIMEOUT_SECONDS)
         except subprocess.TimeoutExpired:
             continue
