@@ -1,8 +1,8 @@
 """``dqr-xnat config check [FILE]``: validate the admin configuration before the service relies on it.
 
 Loading already reports every structural problem with its YAML path; this command adds what only
-the running machine can tell (is the secret readable, is the state directory private and writable)
-so an admin finds all of it in one run. Exit 0 when valid, 2 when there is any problem.
+the running machine can tell (is the secret readable, is the state directory private and writable,
+is DCMTK's storescp there for ``receiver.engine: dcmtk``) so an admin finds all of it in one run. Exit 0 when valid, 2 when there is any problem.
 
 Project owners' settings entries in XNAT (``dqr-xnat/settings``, project_settings.py) are checked
 through the ``project_entries`` hook of :func:`check_config`: the command logs in with the configured
@@ -21,8 +21,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
+from dqr_xnat.adapters.storescp import dcmtk_executable
 from dqr_xnat.config import Config, load_config
-from dqr_xnat.errors import ConfigError, RetriableXnatError, XnatError
+from dqr_xnat.errors import ConfigError, PacsError, RetriableXnatError, XnatError
+from dqr_xnat.model import RetrieveMethod
 from dqr_xnat.project_settings import SETTINGS_PATH, SETTINGS_TOOL, project_entry_check
 
 EXIT_OK, EXIT_PROBLEMS = 0, 2
@@ -112,10 +114,23 @@ def check_config(config: Config, *, project_entries: ProjectEntryCheck | None = 
     problems = [*_secret_problems(config), *_state_problems(config)]
     if config.xnat.ca_bundle and not os.access(config.xnat.ca_bundle, os.R_OK):
         problems.append(f"xnat.ca_bundle: cannot read {config.xnat.ca_bundle}")
+    problems += _receiver_problems(config)
     if project_entries is not None:
         for name in config.projects:
             problems += [f"projects.{name} (XNAT configuration entry): {p}" for p in project_entries(name)]
     return problems
+
+
+def _receiver_problems(config: Config) -> list[str]:
+    """engine dcmtk runs DCMTK's storescp: it must be installed (not pynetdicom's same-named app)."""
+    if config.receiver.engine != "dcmtk" or all(p.retrieve is not RetrieveMethod.C_MOVE
+                                                for p in config.pacs.values()):
+        return []
+    try:
+        dcmtk_executable(config.receiver.storescp)
+    except PacsError as exc:
+        return [f"receiver.storescp: {exc}, or set receiver.storescp to its path"]
+    return []
 
 
 def _secret_problems(config: Config) -> list[str]:

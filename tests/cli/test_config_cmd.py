@@ -23,9 +23,10 @@ def closed_loopback_url() -> str:
         return f"https://127.0.0.1:{sock.getsockname()[1]}"
 
 
-def write_config(tmp_path: Path, **xnat: str) -> Path:
+def write_config(tmp_path: Path, receiver: dict[str, str] | None = None, **xnat: str) -> Path:
     data = {
         "xnat": {"url": closed_loopback_url(), "user": "svc", **xnat},
+        "receiver": receiver or {},
         "pacs": {"hospital": {"ae_title": "PACS1", "host": "127.0.0.1", "port": 104}},
         "projects": {"NEURO01": {"pacs": ["hospital"]}},
         "state_dir": str(tmp_path / "state"),
@@ -108,3 +109,21 @@ def test_subprocess_missing_file(tmp_path: Path) -> None:
                           capture_output=True, text=True, env=env, check=False)
     assert done.returncode == 2
     assert f"cannot read {tmp_path / 'missing.yaml'}: No such file or directory" in done.stdout
+
+
+def test_dcmtk_receiver_needs_dcmtks_storescp(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("pw\n", encoding="utf-8")
+    os.chmod(secret, 0o600)
+    missing = tmp_path / "bin" / "storescp"
+    config = load_config(write_config(tmp_path, {"engine": "dcmtk", "storescp": str(missing)},
+                                      password_file=str(secret)))
+    assert check_config(config) == [
+        f"receiver.storescp: DCMTK's '{missing}' was not found: install DCMTK (Debian: apt-get install dcmtk), "
+        "or set receiver.storescp to its path"]
+    missing.parent.mkdir()
+    missing.write_text("#!/usr/bin/env python3\n")  # pynetdicom's app of the same name
+    missing.chmod(0o755)
+    assert "is a script, not DCMTK's program" in check_config(config)[0]
+    config = load_config(write_config(tmp_path, {"engine": "dcmtk"}, password_file=str(secret)))
+    assert check_config(config) == []  # DCMTK's storescp is installed here (make setup)
