@@ -87,6 +87,7 @@ class DcmtkStorageSCP(StorageSCP):
             raise ValueError("receiver.engine dcmtk needs a fixed receiver.port (storescp cannot report a chosen one)")
         self.incoming = self.staging_root / "storescp"
         self.log_path = self.staging_root.parent / "storescp.log"  # staging holds only instances
+        self.pid_path = self.staging_root.parent / "storescp.pid"  # to stop one a killed service left
         self._process: subprocess.Popen[bytes] | None = None
         self._collect_lock = threading.Lock()
         self._start_lock = threading.Lock()
@@ -128,9 +129,16 @@ class DcmtkStorageSCP(StorageSCP):
             if self.config.host not in ("0.0.0.0", "::", ""):
                 log.warning("receiver.host %s is not used by storescp, which listens on every interface: "
                             "firewall port %d so that only the PACS reach it", self.config.host, self.port)
+            self._stop_orphan()
             self.incoming.mkdir(parents=True, exist_ok=True)
             self._discard_leftovers()
+        else:
+            _terminate(self._process)  # the children it forked may still hold the listening socket
+        if _answers(self.port):  # whatever it is, it is not ours, and it would answer our checks
+            raise PacsError(f"receiver.port {self.port} is already in use by another program; "
+                            "stop it or choose another port (and register it at the PACS)")
         self._process = self._spawn(executable)
+        self.pid_path.write_text(str(self._process.pid))
         try:
             self._wait_ready()
         except BaseException:
@@ -161,14 +169,12 @@ class DcmtkStorageSCP(StorageSCP):
         while True:
             if not self.alive:
                 raise self._stopped_at_start()
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            if _answers(self.port):
                 break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise PacsError(f"storescp (receiver {self.ae_title}) did not listen on port {self.port} "
-                                    f"within {START_TIMEOUT_SECONDS:g} s: {self._log_tail()}") from None
-                time.sleep(0.02)
+            if time.monotonic() > deadline:
+                raise PacsError(f"storescp (receiver {self.ae_title}) did not listen on port {self.port} "
+                                f"within {START_TIMEOUT_SECONDS:g} s: {self._log_tail()}")
+            time.sleep(0.02)
         ae = AE(ae_title=self.config.ae_title)
         ae.add_requested_context(Verification)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ECHO_TIMEOUT_SECONDS
@@ -196,6 +202,23 @@ class DcmtkStorageSCP(StorageSCP):
         process, self._process = self._process, None
         if process is not None:
             _terminate(process)
+            self.pid_path.unlink(missing_ok=True)
+
+    def _stop_orphan(self) -> None:
+        """Stop the storescp a service killed with SIGKILL left running (it has a session of its own).
+
+        Only a process that is storescp writing into our incoming directory: a pid is reused.
+        """
+        try:
+            pid = int(self.pid_path.read_text())
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            self.pid_path.unlink(missing_ok=True)
+            return
+        if str(self.incoming).encode() in command and any(p.endswith(b"storescp") for p in command):
+            log.warning("receiver %s: stopping storescp (pid %d) left running by a previous run", self.ae_title, pid)
+            _stop_session(pid)
+        self.pid_path.unlink(missing_ok=True)
 
     @contextmanager
     def expect(self, study_instance_uid: str, directory: Path) -> Iterator[StudyReceipt]:
@@ -310,12 +333,31 @@ def dcmtk_executable(name: str) -> str:
 
 def _terminate(process: subprocess.Popen[bytes]) -> None:
     """SIGTERM, then SIGKILL, to storescp's whole session: its --fork children outlive it otherwise."""
+    _stop_session(process.pid, process.wait)
+
+
+def _stop_session(pid: int, wait: Callable[[float], object] | None = None) -> None:
+    """SIGTERM, then SIGKILL, to the process group ``pid`` leads; ``wait`` reaps our own child."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
-            os.killpg(process.pid, sig)
+            os.killpg(pid, sig)
         except ProcessLookupError:
             return  # nobody left in the session
-        try:
-            process.wait(STOP_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            continue
+        deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+        if wait is not None:
+            try:
+                wait(STOP_TIMEOUT_SECONDS)
+            except subprocess.TimeoutExpired:
+                continue
+        else:
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+
+
+def _answers(port: int) -> bool:
+    """Whether something accepts TCP connections on the loopback ``port``."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True

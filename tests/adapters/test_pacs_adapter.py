@@ -20,6 +20,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -743,7 +744,7 @@ def test_storescp_never_lets_dicom_values_into_paths(
             _settle(receipt)
     assert isinstance(receiver, DcmtkStorageSCP)
     escaped = [p for p in tmp_path.rglob("*") if p.is_file() and receiver.staging_root not in p.parents
-               and inbox not in p.parents and p != receiver.log_path]
+               and inbox not in p.parents and p not in (receiver.log_path, receiver.pid_path)]
     assert not escaped
     for path in inbox.glob("*"):
         assert path.name.startswith("x") and set(path.name[1:-4]) <= set("0123456789abcdef")
@@ -773,12 +774,38 @@ def test_storescp_start_failures_say_what_to_do(
     with pytest.raises(PacsError, match=r"engine is dcmtk but DCMTK's 'no-such-storescp' was not found: "
                                         r"install DCMTK .*set receiver.storescp"):
         make_receiver(orthanc, engine="dcmtk", storescp="no-such-storescp")
-    busy = socket.create_server(("0.0.0.0", 0))  # storescp binds every interface
+    busy = socket.create_server(("127.0.0.1", 0))
     try:
-        with pytest.raises(PacsError, match=r"storescp .*stopped at start: .*check receiver.port"):
+        with pytest.raises(PacsError, match=r"receiver.port \d+ is already in use by another program"):
             make_receiver(orthanc, engine="dcmtk", port=busy.getsockname()[1])
     finally:
         busy.close()
+
+
+def test_storescp_left_running_by_a_killed_service_is_stopped_at_the_next_start(
+    make_receiver: Callable[..., StorageSCP],
+    orthanc: RunningPacs,
+    synthetic_catalog: list[SyntheticStudy],
+    source_by_sop: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    """storescp has a session of its own, so a SIGKILLed service leaves it holding the port."""
+    orphaned = make_receiver(orthanc, engine="dcmtk")
+    assert isinstance(orphaned, DcmtkStorageSCP) and orphaned._process is not None
+    process = orphaned._process
+    orphaned._process = None  # what a SIGKILL leaves: nobody will stop it
+    config = replace(orphaned.config)
+    again = DcmtkStorageSCP(config, [pacs_config(orthanc)], orphaned.staging_root)
+    try:
+        again.start()
+        assert process.wait(10) is not None
+        study = synthetic_catalog[6]
+        result = client_for(orthanc).retrieve(study.study_uid, tmp_path / "out", receiver=again)
+        assert result.received == 15
+        assert_delivered(tmp_path / "out", set(study.sop_instance_uids()), source_by_sop)
+    finally:
+        again.stop()
+    assert not again.pid_path.exists()
 
 
 def test_storescp_pacs_killed_mid_move_then_resumed(

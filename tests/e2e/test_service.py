@@ -169,10 +169,12 @@ def test_two_projects_never_exceed_the_pacs_association_limit(
     assert open_now[0] == 0
 
 
+@pytest.mark.parametrize("engine", ["pynetdicom", "dcmtk"])
 def test_sigkill_mid_job_then_restart_uploads_each_study_exactly_once(
-    orthanc, xnat_emulator, pacs_receiver_port, tmp_path
+    orthanc, xnat_emulator, pacs_receiver_port, tmp_path, engine
 ):
-    config_path = write_config(tmp_path, orthanc, xnat_emulator, pacs_receiver_port,
+    """With storescp the killed service leaves it running, orphaned: the restart must clear it."""
+    config_path = write_config(tmp_path, orthanc, xnat_emulator, pacs_receiver_port, engine=engine,
                                service={"workers": 1})
     xnat_emulator.put_resource_file(XNAT_PROJECT, INBOX, "batch.csv", CSV.encode())
     # The second upload hangs (and would then fail), so the service dies in the middle of it.
@@ -204,6 +206,18 @@ def test_sigkill_mid_job_then_restart_uploads_each_study_exactly_once(
     for r in completed:
         per_session[r.query.get("session")] = per_session.get(r.query.get("session"), 0) + 1
     assert per_session == {"Subj001_CT1": 1, "Subj002_PET1": 1, "Subj003_CT1": 1}
+    assert not _processes_mentioning(str(tmp_path / "state")), "a receiver of the killed service is still running"
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text.encode() in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
 
 
 def _uploading_with_one_done(store_path: Path) -> bool:
