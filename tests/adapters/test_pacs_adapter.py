@@ -20,7 +20,6 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -762,10 +761,15 @@ def test_storescp_that_died_is_started_again(
     os.killpg(receiver._process.pid, signal.SIGKILL)
     receiver._process.wait()
     assert not receiver.alive
-    study = synthetic_catalog[6]
-    result = client_for(orthanc).retrieve(study.study_uid, tmp_path / "out", receiver=receiver)
-    assert result.received == 15 and receiver.alive
-    assert_delivered(tmp_path / "out", set(study.sop_instance_uids()), source_by_sop)
+    _assert_retrieves(receiver, orthanc, synthetic_catalog[6], source_by_sop, tmp_path / "out")
+    assert receiver.alive
+
+
+def _assert_retrieves(receiver: StorageSCP, pacs: RunningPacs, study: SyntheticStudy,
+                      source_by_sop: dict[str, Path], out: Path) -> None:
+    result = client_for(pacs).retrieve(study.study_uid, out, receiver=receiver)
+    assert result.received == study.instances
+    assert_delivered(out, set(study.sop_instance_uids()), source_by_sop)
 
 
 def test_storescp_start_failures_say_what_to_do(
@@ -794,15 +798,11 @@ def test_storescp_left_running_by_a_killed_service_is_stopped_at_the_next_start(
     assert isinstance(orphaned, DcmtkStorageSCP) and orphaned._process is not None
     process = orphaned._process
     orphaned._process = None  # what a SIGKILL leaves: nobody will stop it
-    config = replace(orphaned.config)
-    again = DcmtkStorageSCP(config, [pacs_config(orthanc)], orphaned.staging_root)
+    again = DcmtkStorageSCP(orphaned.config, [pacs_config(orthanc)], orphaned.staging_root)
     try:
         again.start()
         assert process.wait(10) is not None
-        study = synthetic_catalog[6]
-        result = client_for(orthanc).retrieve(study.study_uid, tmp_path / "out", receiver=again)
-        assert result.received == 15
-        assert_delivered(tmp_path / "out", set(study.sop_instance_uids()), source_by_sop)
+        _assert_retrieves(again, orthanc, synthetic_catalog[6], source_by_sop, tmp_path / "out")
     finally:
         again.stop()
     assert not again.pid_path.exists()
