@@ -38,7 +38,8 @@ def write_config(
     data = {
         "xnat": {"url": xcfg.url, "user": xcfg.user, "password_file": xcfg.password_file,
                  "timeout": 60},
-        "receiver": {"ae_title": PACS_RECEIVER_AE, "host": "127.0.0.1", "port": receiver_port, "engine": engine},
+        "receiver": {"ae_title": PACS_RECEIVER_AE, "host": "127.0.0.1", "port": receiver_port,
+                     "engine": engine},
         "pacs": {pacs.kind: {"ae_title": pacs.ae_title, "host": pacs.host, "port": pacs.port,
                              "retrieve": retrieve, "max_associations": 2, "retries": 1,
                              "retry_backoff": 0.1,

@@ -58,7 +58,8 @@ def _run_import(tmp_path, pacs, xnat_emulator, port, csv_text, retrieve="c-move"
 
 
 @pytest.mark.parametrize("kind", ["orthanc", "dcmqrscp", "qrscp"])
-@pytest.mark.parametrize(("retrieve", "engine"), [("c-move", "pynetdicom"), ("c-move", "dcmtk"), ("c-get", "pynetdicom")],
+@pytest.mark.parametrize(("retrieve", "engine"),
+                         [("c-move", "pynetdicom"), ("c-move", "dcmtk"), ("c-get", "pynetdicom")],
                          ids=["c-move", "c-move-storescp", "c-get"])
 def test_import_lands_relabeled_studies_with_dqr_labels(
     request, kind, retrieve, engine, xnat_emulator, pacs_receiver_port, synthetic_catalog, synthetic_files, tmp_path

@@ -74,7 +74,7 @@ def test_metrics_scraped_during_an_import_and_health(
 
 
 def test_health_reports_a_dead_storescp_and_the_next_import_starts_it_again(
-    orthanc, synthetic_catalog, xnat_emulator, pacs_receiver_port, tmp_path
+    orthanc, xnat_emulator, pacs_receiver_port, tmp_path
 ):
     """receiver.engine dcmtk: /health watches the storescp process; a retrieval brings it back."""
     config = load(write_config(tmp_path, orthanc, xnat_emulator, pacs_receiver_port, engine="dcmtk",
