@@ -136,11 +136,12 @@ def _write_spliced(ds: FileDataset, before: Mapping[BaseTag, Any], fp: BinaryIO,
     if not little or ds.original_character_set != ds._character_set:
         return False
     starts: dict[BaseTag, int] = {}
+    previous = -1
     for tag, elem in sorted(before.items()):
         start = _element_start(elem, bool(implicit))
-        if start is None or (starts and start <= max(starts.values())):
+        if start is None or start <= previous:  # tag order is file order, or something is off
             return False
-        starts[tag] = start
+        starts[tag] = previous = start
     if not starts:
         return False
     order = sorted(starts)

@@ -385,22 +385,39 @@ def instance_file_name(sop_instance_uid: str) -> str:
 
 
 @dataclass
-class _Incoming:
-    """One C-STORE data set staged on disk, with the UIDs we route it by."""
+class Incoming:
+    """One received data set staged on disk, with the UIDs we route it by."""
 
     path: Path
-    owned: bool  # we wrote the temp file (non-chunked mode) and must remove it if refused
+    owned: bool  # ours to remove if refused (pynetdicom removes its own chunked temp files)
     sop_instance_uid: str
     study_instance_uid: str
     series_instance_uid: str
     size: int
+
+    @classmethod
+    def read(cls, path: Path, *, owned: bool, sop_instance_uid: str = "") -> Incoming:
+        """The file and its UIDs, read from the header only ("" for one that is absent)."""
+        header = dcmread(
+            path,
+            stop_before_pixels=True,
+            specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"],
+        )
+        return cls(
+            path=path,
+            owned=owned,
+            sop_instance_uid=sop_instance_uid or str(header.get("SOPInstanceUID", "")),
+            study_instance_uid=str(header.get("StudyInstanceUID", "")),
+            series_instance_uid=str(header.get("SeriesInstanceUID", "")),
+            size=path.stat().st_size,
+        )
 
     def discard(self) -> None:
         if self.owned:
             self.path.unlink(missing_ok=True)
 
 
-def _stage(event: evt.Event, staging: Path) -> _Incoming:
+def _stage(event: evt.Event, staging: Path) -> Incoming:
     """The incoming data set as a Part-10 file, plus its UIDs read from the header only."""
     try:
         path, owned = Path(event.dataset_path), False
@@ -410,20 +427,7 @@ def _stage(event: evt.Event, staging: Path) -> _Incoming:
         with os.fdopen(fd, "wb") as out:
             out.write(event.encoded_dataset())
         path, owned = Path(name), True
-    header = dcmread(
-        path,
-        stop_before_pixels=True,
-        specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"],
-    )
-    sop = str(event.request.AffectedSOPInstanceUID or header.get("SOPInstanceUID", ""))
-    return _Incoming(
-        path=path,
-        owned=owned,
-        sop_instance_uid=sop,
-        study_instance_uid=str(header.get("StudyInstanceUID", "")),
-        series_instance_uid=str(header.get("SeriesInstanceUID", "")),
-        size=path.stat().st_size,
-    )
+    return Incoming.read(path, owned=owned, sop_instance_uid=str(event.request.AffectedSOPInstanceUID or ""))
 
 
 class StudyReceipt:
@@ -461,7 +465,7 @@ class StudyReceipt:
         with self._cond:
             return {uid: frozenset(names) for uid, names in self._series.items()}
 
-    def accept(self, item: _Incoming) -> int:
+    def accept(self, item: Incoming) -> int:
         """Move the staged file into place; the C-STORE status to answer."""
         if item.size > self.max_bytes:
             item.discard()

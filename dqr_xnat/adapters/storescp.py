@@ -39,12 +39,11 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from dqr_xnat.adapters.pacs import StorageSCP, StudyReceipt, _Incoming
+from dqr_xnat.adapters.pacs import Incoming, StorageSCP, StudyReceipt
 from dqr_xnat.config import PacsConfig, ReceiverConfig
 from dqr_xnat.errors import PacsError
 from dqr_xnat.logs import phi_hash
@@ -91,7 +90,7 @@ class DcmtkStorageSCP(StorageSCP):
         self._process: subprocess.Popen[bytes] | None = None
         self._collect_lock = threading.Lock()
         self._start_lock = threading.Lock()
-        self._headers: dict[str, _Incoming] = {}  # file name in incoming -> its UIDs, read once
+        self._headers: dict[str, Incoming] = {}  # file name in incoming -> its UIDs, read once
 
     @property
     def running(self) -> bool:
@@ -277,7 +276,7 @@ class DcmtkStorageSCP(StorageSCP):
                 del self._headers[name]
         return found
 
-    def _header(self, entry: os.DirEntry[str]) -> _Incoming | None:
+    def _header(self, entry: os.DirEntry[str]) -> Incoming | None:
         """The file's UIDs (cached); None while it may still be arriving; an old unreadable file is deleted."""
         item = self._headers.get(entry.name)
         if item is not None:
@@ -285,18 +284,15 @@ class DcmtkStorageSCP(StorageSCP):
             return item
         path = Path(entry.path)
         try:
-            header = dcmread(path, stop_before_pixels=True,
-                             specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
-            study, sop = str(header.StudyInstanceUID), str(header.SOPInstanceUID)
+            item = Incoming.read(path, owned=True)
+            if not (item.study_instance_uid and item.sop_instance_uid):
+                raise InvalidDicomError("no StudyInstanceUID or SOPInstanceUID (yet)")
         except (InvalidDicomError, OSError, ValueError, KeyError, AttributeError, EOFError) as exc:
             if time.time() - entry.stat().st_mtime > UNREADABLE_AFTER_SECONDS:
                 path.unlink(missing_ok=True)
                 self._on_unreadable()
                 log.warning("receiver %s: deleted an unreadable file (%s)", self.ae_title, type(exc).__name__)
             return None
-        item = _Incoming(path=path, owned=True, sop_instance_uid=sop, study_instance_uid=study,
-                         series_instance_uid=str(header.get("SeriesInstanceUID", "")),
-                         size=entry.stat().st_size)
         self._headers[entry.name] = item
         return item
 

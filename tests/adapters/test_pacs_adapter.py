@@ -28,7 +28,7 @@ from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification
 
 from dqr_xnat.adapters.pacs import (
@@ -37,6 +37,7 @@ from dqr_xnat.adapters.pacs import (
     LocalAssociationLimiter,
     PacsClient,
     StorageSCP,
+    StudyReceipt,
     instance_file_name,
 )
 from dqr_xnat.adapters.storescp import DcmtkStorageSCP, dcmtk_executable
@@ -268,30 +269,48 @@ def test_query_rows_turns_a_failing_row_into_its_error(orthanc: RunningPacs, mak
 # Retrieval
 
 
-METHODS = pytest.mark.parametrize("method", list(RetrieveMethod), ids=lambda m: m.value)
+#: C-MOVE into each receiver engine (pynetdicom's, DCMTK's storescp), and C-GET.
+RETRIEVALS = pytest.mark.parametrize(
+    ("method", "engine"),
+    [(RetrieveMethod.C_MOVE, "pynetdicom"), (RetrieveMethod.C_MOVE, "dcmtk"), (RetrieveMethod.C_GET, None)],
+    ids=["c-move", "c-move-storescp", "c-get"],
+)
+ENGINES = pytest.mark.parametrize("engine", ["pynetdicom", "dcmtk"], ids=["pynetdicom", "storescp"])
 
 
-@METHODS
+def _receiver_for(make_receiver: Callable[..., StorageSCP], pacs: RunningPacs, engine: str | None) -> StorageSCP | None:
+    return None if engine is None else make_receiver(pacs, engine=engine)
+
+
+def _assert_nothing_left_behind(receiver: StorageSCP | None) -> None:
+    if isinstance(receiver, DcmtkStorageSCP):
+        assert not list(receiver.incoming.iterdir())
+
+
+@RETRIEVALS
 def test_retrieve_whole_study(
     any_pacs: RunningPacs,
     method: RetrieveMethod,
+    engine: str | None,
     make_receiver: Callable[..., StorageSCP],
     synthetic_catalog: list[SyntheticStudy],
     source_by_sop: dict[str, Path],
     tmp_path: Path,
 ) -> None:
     study = synthetic_catalog[0]  # CT + X-Ray Radiation Dose SR
-    receiver = make_receiver(any_pacs) if method is RetrieveMethod.C_MOVE else None
+    receiver = _receiver_for(make_receiver, any_pacs, engine)
     result = client_for(any_pacs, retrieve=method).retrieve(study.study_uid, tmp_path / "out", receiver=receiver)
     assert (result.received, result.expected, result.status) == (33, 33, 0x0000)
     assert set(result.files) == set((tmp_path / "out").glob("*.dcm"))
     assert_delivered(tmp_path / "out", set(study.sop_instance_uids()), source_by_sop)
+    _assert_nothing_left_behind(receiver)
 
 
-@METHODS
+@RETRIEVALS
 def test_retrieve_chosen_series(
     any_pacs: RunningPacs,
     method: RetrieveMethod,
+    engine: str | None,
     make_receiver: Callable[..., StorageSCP],
     synthetic_catalog: list[SyntheticStudy],
     source_by_sop: dict[str, Path],
@@ -299,20 +318,24 @@ def test_retrieve_chosen_series(
 ) -> None:
     study = synthetic_catalog[2]  # PET (20) and the Secondary Capture dose page (1) of a PET-CT
     chosen = [s for s in study.series if s.number in (2, 999)]
-    receiver = make_receiver(any_pacs) if method is RetrieveMethod.C_MOVE else None
+    receiver = _receiver_for(make_receiver, any_pacs, engine)
     result = client_for(any_pacs, retrieve=method).retrieve(
         study.study_uid, tmp_path / "out", series_uids=[s.uid for s in chosen], receiver=receiver
     )
     assert (result.received, result.expected) == (21, 21)
     assert_delivered(tmp_path / "out", {u for s in chosen for u in s.sop_instance_uids()}, source_by_sop)
+    _assert_nothing_left_behind(receiver)
 
 
+@ENGINES
 def test_expected_more_than_delivered_is_incomplete(
-    any_pacs: RunningPacs, make_receiver: Callable[..., StorageSCP], synthetic_catalog: list[SyntheticStudy], tmp_path: Path
+    any_pacs: RunningPacs, engine: str, make_receiver: Callable[..., StorageSCP],
+    synthetic_catalog: list[SyntheticStudy], tmp_path: Path,
 ) -> None:
     study = synthetic_catalog[6]  # 15 instances, all of which the PACS sends with success
+    receiver = make_receiver(any_pacs, engine=engine)
     with pytest.raises(IncompleteRetrieveError, match=r"15 of 16 instance\(s\) arrived.*gave up after 2 attempts"):
-        client_for(any_pacs).retrieve(study.study_uid, tmp_path / "out", expected=16, receiver=make_receiver(any_pacs))
+        client_for(any_pacs).retrieve(study.study_uid, tmp_path / "out", expected=16, receiver=receiver)
     assert len(list((tmp_path / "out").glob("*.dcm"))) == 15
 
 
@@ -385,32 +408,38 @@ def test_receiver_accepts_only_expected_studies(
     assert stored.read_bytes()[128:132] == b"DICM" and dcmread(stored) == dcmread(source)
 
 
+def _store_truncated(receiver: StorageSCP, calling: str, source: Path, inbox: Path) -> tuple[int, StudyReceipt]:
+    """Send ``source`` cut short inside an element while its study is expected: (status, receipt).
+
+    (0020,000D) StudyInstanceUID is declared 64 bytes long, 5 bytes follow, then the data set ends;
+    it is sent as the raw bytes of the file.
+    """
+    header = dcmread(source, stop_before_pixels=True)
+    meta_end = 132 + 12 + int(header.file_meta.FileMetaInformationGroupLength)
+    broken = inbox.parent / "broken.dcm"
+    broken.write_bytes(source.read_bytes()[:meta_end] + b"\x20\x00\x0d\x00UI\x40\x001.2.3")
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(header.SOPClassUID, header.file_meta.TransferSyntaxUID)
+    previous, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
+    try:
+        with receiver.expect(str(header.StudyInstanceUID), inbox) as receipt:
+            assoc = ae.associate(HOST, receiver.port, ae_title=RECEIVER_AE)
+            assert assoc.is_established
+            status = assoc.send_c_store(broken)
+            assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
+    assert status
+    return int(status.Status), receipt
+
+
 def test_receiver_refuses_malformed_instances(
     make_receiver: Callable[..., StorageSCP], orthanc: RunningPacs, synthetic_files: list[Path], tmp_path: Path
 ) -> None:
     """A data set cut short inside an element: refused, counted, nothing stored."""
-    from pynetdicom import _config
-
-    source = synthetic_files[0]
-    header = dcmread(source, stop_before_pixels=True)
-    meta_end = 132 + 12 + int(header.file_meta.FileMetaInformationGroupLength)
-    broken = tmp_path / "broken.dcm"
-    # (0020,000D) StudyInstanceUID declared 64 bytes long, 5 bytes present, then the file ends.
-    broken.write_bytes(source.read_bytes()[:meta_end] + b"\x20\x00\x0d\x00UI\x40\x001.2.3")
     receiver = make_receiver(orthanc)
-    study = str(header.StudyInstanceUID)
-    ae = AE(ae_title=orthanc.ae_title)
-    ae.add_requested_context(header.SOPClassUID, header.file_meta.TransferSyntaxUID)
-    previous, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
-    try:
-        with receiver.expect(study, tmp_path / "in") as receipt:
-            assoc = ae.associate(HOST, receiver.port, ae_title=RECEIVER_AE)
-            assert assoc.is_established
-            status = assoc.send_c_store(broken)  # sent as the raw bytes of the file
-            assoc.release()
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = previous
-    assert status and int(status.Status) != 0x0000
+    status, receipt = _store_truncated(receiver, orthanc.ae_title, synthetic_files[0], tmp_path / "in")
+    assert status != 0x0000
     assert receipt.received == 0 and not list((tmp_path / "in").glob("*"))
     assert receiver.refused_unexpected + receiver.refused_unreadable == 1
 
@@ -620,28 +649,6 @@ def _settle(receipt: Any) -> None:
     receipt.wait_idle(lambda: False, idle=0.2)
 
 
-def test_storescp_retrieves_whole_studies_and_chosen_series(
-    any_pacs: RunningPacs,
-    make_receiver: Callable[..., StorageSCP],
-    synthetic_catalog: list[SyntheticStudy],
-    source_by_sop: dict[str, Path],
-    tmp_path: Path,
-) -> None:
-    receiver = make_receiver(any_pacs, engine="dcmtk")
-    client = client_for(any_pacs)
-    whole = synthetic_catalog[0]
-    result = client.retrieve(whole.study_uid, tmp_path / "whole", receiver=receiver)
-    assert (result.received, result.expected, result.status) == (33, 33, 0x0000)
-    assert_delivered(tmp_path / "whole", set(whole.sop_instance_uids()), source_by_sop)
-    study = synthetic_catalog[2]
-    chosen = [s for s in study.series if s.number in (2, 999)]
-    result = client.retrieve(study.study_uid, tmp_path / "chosen", series_uids=[s.uid for s in chosen],
-                             receiver=receiver)
-    assert (result.received, result.expected) == (21, 21)
-    assert_delivered(tmp_path / "chosen", {u for s in chosen for u in s.sop_instance_uids()}, source_by_sop)
-    assert not list(_incoming(receiver).iterdir())  # nothing left behind
-
-
 def test_storescp_concurrent_retrievals_each_get_their_own_study(
     orthanc: RunningPacs,
     make_receiver: Callable[..., StorageSCP],
@@ -670,16 +677,6 @@ def test_storescp_concurrent_retrievals_each_get_their_own_study(
     for study in studies:
         assert_delivered(tmp_path / study.study_uid, set(study.sop_instance_uids()), source_by_sop)
     assert receiver.refused_unexpected == 0
-
-
-def test_storescp_expected_more_than_delivered_is_incomplete(
-    orthanc: RunningPacs, make_receiver: Callable[..., StorageSCP], synthetic_catalog: list[SyntheticStudy], tmp_path: Path
-) -> None:
-    receiver = make_receiver(orthanc, engine="dcmtk")
-    study = synthetic_catalog[6]
-    with pytest.raises(IncompleteRetrieveError, match=r"15 of 16 instance\(s\) arrived.*gave up after 2 attempts"):
-        client_for(orthanc).retrieve(study.study_uid, tmp_path / "out", expected=16, receiver=receiver)
-    assert len(list((tmp_path / "out").glob("*.dcm"))) == 15
 
 
 def test_storescp_deletes_instances_of_studies_not_expected(

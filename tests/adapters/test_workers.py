@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pynetdicom import AE, _config
+from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from dqr_xnat.adapters.dicom_files import relabel_file
@@ -32,7 +32,14 @@ from dqr_xnat.errors import RelabelError
 from dqr_xnat.model import RetrieveMethod
 from dqr_xnat.sandbox.pacs_servers import HOST, RunningPacs
 from dqr_xnat.sandbox.testdata import SyntheticStudy
-from tests.adapters.test_pacs_adapter import RECEIVER_AE, _store, assert_delivered, client_for, pacs_config
+from tests.adapters.test_pacs_adapter import (
+    RECEIVER_AE,
+    _store,
+    _store_truncated,
+    assert_delivered,
+    client_for,
+    pacs_config,
+)
 
 PLAN = {"PatientName": "Subj001", "PatientID": "Subj001", "AccessionNumber": "Subj001_CT1"}
 
@@ -198,23 +205,8 @@ def test_receiver_refusals_are_counted_and_logged_in_the_service(
 def test_a_malformed_instance_is_refused_and_counted_in_the_service(
     receiver: ProcessStorageSCP, orthanc: RunningPacs, synthetic_files: list[Path], tmp_path: Path
 ) -> None:
-    source = synthetic_files[0]
-    header = dcmread(source, stop_before_pixels=True)
-    meta_end = 132 + 12 + int(header.file_meta.FileMetaInformationGroupLength)
-    broken = tmp_path / "broken.dcm"  # StudyInstanceUID declared 64 bytes long, 5 present, then the end
-    broken.write_bytes(source.read_bytes()[:meta_end] + b"\x20\x00\x0d\x00UI\x40\x001.2.3")
-    ae = AE(ae_title=orthanc.ae_title)
-    ae.add_requested_context(header.SOPClassUID, header.file_meta.TransferSyntaxUID)
-    previous, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
-    try:
-        with receiver.expect(str(header.StudyInstanceUID), tmp_path / "in") as receipt:
-            assoc = ae.associate(HOST, receiver.port, ae_title=RECEIVER_AE)
-            assert assoc.is_established
-            status = assoc.send_c_store(broken)  # the raw bytes of the file
-            assoc.release()
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = previous
-    assert status and int(status.Status) != 0x0000
+    status, receipt = _store_truncated(receiver, orthanc.ae_title, synthetic_files[0], tmp_path / "in")
+    assert status != 0x0000
     assert receipt.received == 0 and not list((tmp_path / "in").glob("*"))
     assert receiver.refused_unexpected + receiver.refused_unreadable == 1
 
